@@ -1,0 +1,347 @@
+"""
+model.py -- the AFM-style decoder-only transformer.
+
+Follows section 2 ("Architecture") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
+(arXiv 2407.21075): a dense decoder with
+  * one embedding matrix shared by the input lookup and the output projection,
+  * pre-normalisation with RMSNorm,
+  * query/key normalisation,
+  * grouped-query attention (8 key/value heads in AFM-on-device),
+  * a SwiGLU feed-forward layer,
+  * RoPE positions with base frequency 500,000.
+
+It also holds the pieces every later script shares: the config dataclass, KV-cached generation and the
+checkpoint format (atomic save, config inside, `torch.load(weights_only=True)`).
+
+Run `python model.py` to print every named config with its parameter counts (counted on the meta device,
+so the 3B `afm-on-device` config costs no memory).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    vocab_size: int = 256        # byte-level tokens for the configs we train here; AFM uses a 49K BPE
+    dim: int = 256               # model width d
+    n_layers: int = 6
+    n_heads: int = 8             # query heads
+    n_kv_heads: int = 2          # key/value heads (grouped-query attention)
+    head_dim: int = 32
+    ffn_dim: int = 768           # SwiGLU hidden width
+    max_seq_len: int = 256       # longest context (size of the RoPE table and of the KV cache)
+    rope_base: float = 500_000.0  # AFM: RoPE base frequency 500k
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for RoPE")
+
+
+CONFIGS: dict[str, ModelConfig] = {
+    # Trains on 2 CPU cores in minutes (train.py's default).
+    "tiny": ModelConfig(name="tiny", dim=256, n_layers=6, n_heads=8, n_kv_heads=2, head_dim=32,
+                        ffn_dim=768, max_seq_len=256),
+    # ~140M parameters, for one GPU.
+    "small": ModelConfig(name="small", dim=1024, n_layers=12, n_heads=8, n_kv_heads=4, head_dim=128,
+                         ffn_dim=2816, max_seq_len=1024),
+    # AFM-on-device: d=3072, 26 layers, 24 query heads, 8 KV heads, head dim 128, 49,152 vocabulary.
+    # The paper gives 2.58B non-embedding parameters but not the FFN width; 8,192 gives 2.617B (+1.4%).
+    "afm-on-device": ModelConfig(name="afm-on-device", vocab_size=49_152, dim=3072, n_layers=26, n_heads=24,
+                                 n_kv_heads=8, head_dim=128, ffn_dim=8192, max_seq_len=4096),
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
+    return CONFIGS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Layers
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (AFM: pre-normalisation with RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, base: float):
+    """cos/sin tables of shape (max_seq_len, head_dim // 2) for rotary position embeddings."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + head_dim/2]) by position-dependent angles.
+
+    x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim // 2).
+    """
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # AFM: query/key normalisation -- an RMSNorm over each head's queries and keys, before RoPE.
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, cache=None, pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # (B, T, n_heads, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        if cache is None:
+            mask, causal = None, True
+        else:
+            # cache = (k_cache, v_cache), each (B, n_kv_heads, max_seq_len, head_dim); write at [pos, pos+T)
+            k_cache, v_cache = cache
+            k_cache[:B, :, pos:pos + T] = k
+            v_cache[:B, :, pos:pos + T] = v
+            k, v = k_cache[:B, :, :pos + T], v_cache[:B, :, :pos + T]
+            # query i sits at absolute position pos+i and may see keys 0..pos+i
+            causal = False
+            mask = None if T == 1 else (
+                torch.arange(pos + T, device=x.device)[None, :] <= torch.arange(pos, pos + T, device=x.device)[:, None])
+        # AFM: grouped-query attention -- each K/V head serves n_heads / n_kv_heads query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, n_heads, T, head_dim)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    """AFM: SwiGLU, down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        # AFM: pre-normalisation -- normalise the input of each sub-layer, add the residual un-normalised.
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, cache=None, pos: int = 0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        # AFM: one embedding matrix for the input lookup and (transposed) the output projection.
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim // 2)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2 style: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def forward(self, tokens, cache=None, pos: int = 0):
+        """tokens: (B, T) int64 -> logits (B, T, vocab_size).
+
+        With `cache` (from `new_cache`), the tokens sit at positions [pos, pos + T) and their keys/values
+        are written into the cache, so decoding one token at a time costs O(T) instead of O(T^2).
+        """
+        B, T = tokens.shape
+        if pos + T > self.config.max_seq_len:
+            raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        x = self.tok_emb(tokens)                                   # (B, T, dim)
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache[i], pos)
+        x = self.norm(x)
+        return F.linear(x, self.tok_emb.weight)                    # (B, T, vocab_size), tied output head
+
+    def new_cache(self, batch_size: int = 1, device=None, dtype=None):
+        """One (k, v) pair per layer, each (B, n_kv_heads, max_seq_len, head_dim), zero-filled."""
+        c = self.config
+        p = self.tok_emb.weight
+        shape = (batch_size, c.n_kv_heads, c.max_seq_len, c.head_dim)
+        return [(torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype),
+                 torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)) for _ in self.layers]
+
+    @torch.no_grad()
+    def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None, use_cache: bool = True):
+        """Extend `tokens` (B, T) by `max_new_tokens`. temperature 0 is greedy; otherwise sample from the
+        softmax at that temperature, restricted to the `top_k` most likely tokens when given.
+        With `use_cache=False` every step recomputes the whole prefix (for benchmarking the cache)."""
+        if tokens.shape[1] + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt + new tokens exceed max_seq_len={self.config.max_seq_len}")
+        cache = self.new_cache(tokens.shape[0]) if use_cache else None
+        logits = self(tokens, cache=cache, pos=0)[:, -1]
+        out = tokens
+        for i in range(max_new_tokens):
+            nxt = sample(logits, temperature, top_k, generator)        # (B, 1)
+            out = torch.cat([out, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = self(nxt, cache=cache, pos=out.shape[1] - 1)[:, -1]
+            else:
+                logits = self(out)[:, -1]
+        return out
+
+
+def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None):
+    """logits (B, V) -> next tokens (B, 1)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Counting
+
+def count_params(config: ModelConfig) -> dict:
+    """Parameter counts, built on the meta device (no memory). The tied embedding is counted once."""
+    with torch.device("meta"):
+        m = Transformer(config)
+    total = sum(p.numel() for p in m.parameters())
+    emb = m.tok_emb.weight.numel()
+    return {"params": total, "non_embedding_params": total - emb, "embedding_params": emb}
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Q T, where N counts every
+    matmul weight including the tied output projection, and the second term is attention scores/values."""
+    n = count_params(config)
+    matmul_params = n["non_embedding_params"] + n["embedding_params"]  # output head uses the embedding
+    return 6 * matmul_params + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+class CheckpointError(Exception):
+    """A checkpoint that is missing, truncated or not ours. The message is one line naming the file."""
+
+
+def save_checkpoint(path: str, **payload) -> None:
+    """Write `payload` (tensors, dicts, numbers, strings) atomically: a temporary file, then rename.
+    An interrupted save never leaves a half-written file at `path`."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path: str, kind: str = "model", map_location="cpu") -> dict:
+    """Load a checkpoint written by save_checkpoint with `kind=...` in it. Raises CheckpointError with a
+    one-line message for a missing, truncated or foreign file, or one of another kind."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file at all ...
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path}: not a checkpoint of this project")
+    if ckpt["kind"] != kind:
+        raise CheckpointError(f"{path}: holds a {ckpt['kind']!r} checkpoint, expected {kind!r}")
+    return ckpt
+
+
+def config_from_dict(d: dict) -> ModelConfig:
+    names = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in d.items() if k in names})
+
+
+def save_model(path: str, model: Transformer, **extra) -> None:
+    """Save a float model: weights + config (+ anything in `extra`, e.g. optimizer state)."""
+    save_checkpoint(path, kind="model", config=asdict(model.config), model=model.state_dict(), **extra)
+
+
+def load_model(path: str, map_location="cpu") -> tuple[Transformer, dict]:
+    """Rebuild a float model from its checkpoint with no flags: returns (model, checkpoint dict)."""
+    ckpt = load_checkpoint(path, "model", map_location)
+    model = Transformer(config_from_dict(ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError) as e:
+        raise CheckpointError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+    return model.to(map_location), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description="Print every named config with its parameter counts.")
+    ap.parse_args()
+    print(f"{'config':<15}{'d':>6}{'layers':>7}{'heads':>6}{'kv':>4}{'ffn':>6}{'vocab':>7}"
+          f"{'total':>15}{'non-embedding':>15}{'embedding':>13}")
+    for name, c in CONFIGS.items():
+        n = count_params(c)
+        print(f"{name:<15}{c.dim:>6}{c.n_layers:>7}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>6}{c.vocab_size:>7}"
+              f"{n['params']:>15,}{n['non_embedding_params']:>15,}{n['embedding_params']:>13,}")
+
+
+if __name__ == "__main__":
+    main()
