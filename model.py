@@ -19,6 +19,7 @@ so the 3B `afm-on-device` config costs no memory).
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import tempfile
@@ -291,6 +292,17 @@ def save_checkpoint(path: str, **payload) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_json(path: str, obj) -> None:
+    """Write a JSON report atomically (temporary file, then rename)."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def load_checkpoint(path: str, kind: str = "model", map_location="cpu") -> dict:
