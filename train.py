@@ -38,9 +38,8 @@ H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of one H200 (same tensor cores as 
 
 # Settings that define a run. A resumed run takes them from its checkpoint; only --iters may change.
 DEFAULTS = dict(config="tiny", data="bible", iters=2000, seed=1337, batch_size=32, seq_len=None, lr=2e-3,
-                warmup=100, min_lr=0.005, weight_decay=3.16e-4, grad_accum=1, teacher=None)
-# Settings of one invocation, free to differ between a run and its resumption.
-RUNTIME = ("out_dir", "device", "dtype", "compile", "eval_every", "ckpt_every", "stop_at", "resume")
+                warmup=100, min_lr=0.005, weight_decay=3.16e-4, grad_accum=1, teacher=None, eval_every=None)
+CHANGEABLE = ("iters", "eval_every")   # the settings a resumed run may change
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -68,7 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="compute dtype; bfloat16 = autocast, weights stay float32 (default: bfloat16 on cuda, "
                          "float32 on cpu)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on the GPU)")
-    ap.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: 5 times a run)")
+    ap.add_argument("--eval-every", type=int, help="validate every N steps (default: 5 times a run)")
     ap.add_argument("--ckpt-every", type=float, default=60.0, help="rewrite the checkpoint every N seconds (default: 60)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
     ap.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (checkpoint kept); "
@@ -91,10 +90,10 @@ def prepare(args: argparse.Namespace) -> dict:
             raise CheckpointError(f"nothing to resume: {ckpt_path} holds no training state")
         settings = dict(ckpt["train_state"]["settings"])
         for k, v in explicit.items():
-            if k != "iters" and v != settings[k]:
+            if k not in CHANGEABLE and v != settings[k]:
                 raise ValueError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's {settings[k]}; "
-                                 f"a resumed run keeps its settings (only --iters may change)")
-        settings["iters"] = explicit.get("iters", settings["iters"])
+                                 f"a resumed run keeps its settings (only --iters and --eval-every may change)")
+        settings.update({k: explicit[k] for k in CHANGEABLE if k in explicit})
         if ckpt["train_state"]["step"] >= settings["iters"]:
             raise ValueError(f"nothing to resume: {ckpt_path} already finished {ckpt['train_state']['step']} "
                              f"steps of --iters {settings['iters']} (pass a larger --iters to go on)")
@@ -104,7 +103,9 @@ def prepare(args: argparse.Namespace) -> dict:
     cfg = get_config(settings["config"]) if ckpt is None else config_from_dict(ckpt["config"])
     if settings["seq_len"] is None:
         settings["seq_len"] = cfg.max_seq_len
-    for k in ("iters", "batch_size", "grad_accum", "seq_len"):
+    if settings["eval_every"] is None:
+        settings["eval_every"] = max(1, settings["iters"] // 5)
+    for k in ("iters", "batch_size", "grad_accum", "seq_len", "eval_every"):
         if settings[k] <= 0:
             raise ValueError(f"--{k.replace('_', '-')} must be positive, got {settings[k]}")
     if settings["seq_len"] > cfg.max_seq_len:
@@ -210,7 +211,7 @@ def train(run: dict, args: argparse.Namespace) -> dict:
 
     n = count_params(cfg)
     flops_tok = flops_per_token(cfg, T)
-    eval_every = args.eval_every or max(1, iters // 5)
+    eval_every = s["eval_every"]
     log_every = 1 if device.type == "cpu" else 20                    # each log reads the loss: a GPU sync
     print(f"{cfg.name}: {n['params']:,} params ({n['non_embedding_params']:,} non-embedding), "
           f"{B}x{accum}x{T} tokens/step, {iters} steps, lr {s['lr']}, {device} {run['dtype']}, "
