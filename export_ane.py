@@ -38,7 +38,6 @@ import os
 import platform
 import re
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -426,41 +425,30 @@ def put_weights(prog, weights: dict, emb: dict) -> None:
       * anything not palettized stays an fp16 constant, renamed.
     The traced constants are found by value (the fp16 dense weight), so nothing depends on tracer names."""
     func = prog.functions["main"]
-    wanted = {}
-    for name, w in weights.items():
-        wanted.setdefault(_key(w["dense"].numpy()[:, :, None, None]), []).append(name)
-    emb_key = _key(emb["dense"].numpy())
+    wanted = {_key(w["dense"].numpy()[:, :, None, None]): name for name, w in weights.items()}
+    wanted[_key(emb["dense"].numpy())] = "tok_emb"
     done = set()
     for op in list(func.operations):
-        if op.op_type != "const" or not isinstance(op.outputs[0].val, np.ndarray) or op.outputs[0].dtype != mil_types.fp16:
+        v = op.outputs[0]
+        if op.op_type != "const" or v.dtype != mil_types.fp16 or not isinstance(v.val, np.ndarray) \
+                or _key(v.val) not in wanted:
             continue
-        k = _key(op.outputs[0].val)
-        if k in wanted:
-            w = weights[wanted[k][0]]
-            name = wanted[k][0]
-            with func:
-                if w["lut"] is None:
-                    new = mb.const(val=w["dense"].numpy()[:, :, None, None], name=mil_name(f"{name}.weight"), before_op=op)
-                else:
-                    bits, lut = w["bits"], w["lut"].numpy()
-                    idx_dtype = mil_types.nptype_from_builtin(mil_types.string_to_builtin(f"uint{bits}"))
-                    new = mb.constexpr_lut_to_dense(
-                        indices=w["indices"].numpy()[:, :, None, None].astype(idx_dtype),
-                        lut=lut.reshape(lut.shape[0], 1, 1, 1, lut.shape[1], 1),
-                        name=mil_name(f"{name}.weight"), before_op=op)
-            done.update(wanted[k])
-        elif k == emb_key and "tok_emb" not in done:
-            with func:
-                if emb["int8"] is None:
-                    new = mb.const(val=emb["dense"].numpy(), name="tok_emb_weight", before_op=op)
-                else:
-                    new = mb.constexpr_blockwise_shift_scale(data=emb["int8"].numpy(), scale=emb["scale"].numpy(),
-                                                             name="tok_emb_weight", before_op=op)
-            done.add("tok_emb")
-        else:
-            continue
-        func.replace_uses_of_var_after_op(anchor_op=op, old_var=op.outputs[0], new_var=new)
+        name = wanted[_key(v.val)]
+        with func:
+            if name == "tok_emb" and emb["int8"] is not None:
+                new = mb.constexpr_blockwise_shift_scale(data=emb["int8"].numpy(), scale=emb["scale"].numpy(),
+                                                         name="tok_emb_weight", before_op=op)
+            elif name == "tok_emb" or weights[name]["lut"] is None:
+                new = mb.const(val=v.val, name=mil_name(f"{name}.weight"), before_op=op)
+            else:
+                w, lut = weights[name], weights[name]["lut"].numpy()
+                uint = mil_types.nptype_from_builtin(mil_types.string_to_builtin(f"uint{w['bits']}"))
+                new = mb.constexpr_lut_to_dense(indices=w["indices"].numpy()[:, :, None, None].astype(uint),
+                                                lut=lut.reshape(lut.shape[0], 1, 1, 1, lut.shape[1], 1),
+                                                name=mil_name(f"{name}.weight"), before_op=op)
+        func.replace_uses_of_var_after_op(anchor_op=op, old_var=v, new_var=new)
         func.remove_ops([op])
+        done.add(name)
     missing = [n for n in list(weights) + ["tok_emb"] if n not in done]
     if missing:
         raise ExportError(f"the converted program has no constant equal to the weight of {missing[0]} "
@@ -518,11 +506,15 @@ def compact(prog) -> None:
     weights, would otherwise be a good part of the package, and every adapter function repeats it:
       * one const op per distinct small value: the converter emits a separate const for every parameter of
         every op (strides, axes, masks, ...), mostly the same few values;
-      * short names for intermediate values; inputs, outputs, states and the weights keep their names."""
+      * short names for intermediate values; inputs, outputs, states and our weights keep their names."""
     func = prog.functions["main"]
+
+    def ours(op):                                                      # named by put_weights / add_lora
+        return op.op_type.startswith("constexpr_") or op.name.endswith(("_weight", "_lora_A", "_lora_B"))
+
     first = {}
     for op in list(func.operations):
-        if op.op_type != "const":
+        if op.op_type != "const" or ours(op):
             continue
         v = op.outputs[0]
         if v.val is None or np.size(v.val) > 256 or v in func.outputs \
@@ -537,7 +529,7 @@ def compact(prog) -> None:
     keep = set(func.inputs) | {v.name for v in func.outputs}
     names = (n for n in _short_names() if n not in keep)
     for op in func.operations:
-        if op.op_type.startswith("constexpr_") or (op.op_type == "const" and np.size(op.outputs[0].val) > 256):
+        if ours(op):
             continue
         for v in op.outputs:
             if v.name not in keep:
@@ -794,7 +786,8 @@ def function_bytes(path: str, fnames) -> tuple[int, int]:
         offs = set()
         for block in f.block_specializations.values():
             for op in block.operations:
-                for val in list(op.attributes.values()) + [b.value for arg in op.inputs.values() for b in arg.arguments]:
+                vals = list(op.attributes.values()) + [b.value for arg in op.inputs.values() for b in arg.arguments]
+                for val in vals:
                     if val.HasField("blobFileValue"):
                         offs.add(val.blobFileValue.offset)
         blobs[name] = offs

@@ -123,7 +123,8 @@ def test_functions_and_states(exported):
         states = {s.name: list(s.type.stateType.arrayType.shape) for s in f.state}
         assert states == {"k_cache": [2, 32, 1, 48], "v_cache": [2, 32, 1, 48]}   # (layers, kv*hd, 1, context)
         ins = {i.name: list(i.type.multiArrayType.shape) for i in f.input}
-        assert ins == ({"tokens": [1, 16], "length": [1]} if name.startswith("prefill") else {"token": [1, 1], "pos": [1]})
+        want = {"tokens": [1, 16], "length": [1]} if name.startswith("prefill") else {"token": [1, 1], "pos": [1]}
+        assert ins == want
         assert [o.name for o in f.output] == ["logits"]
     assert not os.path.exists(os.path.join(exported["pkg"], "stale.txt"))      # the old package was replaced
     assert not [p for p in os.listdir(os.path.dirname(exported["pkg"])) if p.startswith(".")]  # no temp left
