@@ -9,9 +9,11 @@ layout follows Apple's "Deploying Transformers on the Apple Neural Engine" (2022
 comment where it is applied.
 
 What it writes (one multifunction .mlpackage, coremltools 9, mlprogram, iOS18, fp16):
-  * `prefill(tokens (1, P) int32 padded, length (1,) int32)` -> logits (1, 1, V) of the last true token; writes
-    keys/values of positions [0, P) into the states `k_cache`, `v_cache` (n_layers, n_kv_heads*head_dim, 1, context).
-  * `decode(token (1, 1) int32, pos (1,) int32)` -> logits (1, 1, V) of that token; writes position `pos`.
+  * `prefill(tokens (1, P) int32 padded, length (1,) int32, 1 <= length <= P)` -> logits (1, 1, V) of the last
+    true token; writes keys/values of positions [0, P) into the states `k_cache`, `v_cache`, each
+    (n_layers, n_kv_heads*head_dim, 1, context); padding after `length` is masked and later overwritten.
+  * `decode(token (1, 1) int32, pos (1,) int32, length <= pos < context)` -> logits (1, 1, V) of that token;
+    writes position `pos`. A generation loop: prefill(prompt, n), then decode(next, n), decode(next, n+1), ...
   * `prefill_<name>` / `decode_<name>` per adapter: the same program plus the unmerged LoRA branches, so the base
     constants are stored once in the package and each adapter costs about its own fp16 bytes.
   Every palettized projection weight is one `constexpr_lut_to_dense` holding exactly palettize.py's LUT and
@@ -138,22 +140,22 @@ class AneAttention(nn.Module):
         self.q_norm = AneNorm(cfg.head_dim, cfg.norm_eps)     # only its gain is used, per head in _heads
         self.k_norm = AneNorm(cfg.head_dim, cfg.norm_eps)
 
-    def _heads(self, x, norm, n, cos, sin):
-        """(1, n*hd, 1, S) -> per-head RMSNorm and RoPE -> (1, n*hd, S)."""
+    def _heads(self, x, gain, n, cos, sin):
+        """(1, n*hd, 1, S) -> per-head RMSNorm (gain (hd,)) and RoPE -> (1, n*hd, S)."""
         S = x.shape[-1]
         x = x.view(1, n, self.head_dim, S)
-        x = ane_rms_norm(x, norm.weight.view(1, 1, -1, 1), self.eps, dim=2)
+        x = ane_rms_norm(x, gain.view(1, 1, -1, 1), self.eps, dim=2)
         return rope(x, cos, sin).reshape(1, n * self.head_dim, S)
 
     def forward(self, x, cos, sin, mask, cache):
         """x: (1, dim, 1, S); cos, sin: (head_dim // 2, S); mask: (S_k, S) additive; cache(k, v) writes this
         step's keys/values (1, n_kv*hd, 1, S) into the KV cache and returns the keys/values to attend to."""
         S, hd = x.shape[-1], self.head_dim
-        q = self._heads(self.q_proj(x), self.q_norm, self.n_heads, cos, sin)     # (1, H*hd, S)
-        k = self._heads(self.k_proj(x), self.k_norm, self.n_kv_heads, cos, sin)  # (1, KV*hd, S)
+        # ANE principle (fp16 range): scale the queries before the dot product, not the scores after it -- here
+        # folded into the query norm's gain (RoPE is linear), a constant at conversion, so no extra op.
+        q = self._heads(self.q_proj(x), self.q_norm.weight * hd ** -0.5, self.n_heads, cos, sin)  # (1, H*hd, S)
+        k = self._heads(self.k_proj(x), self.k_norm.weight, self.n_kv_heads, cos, sin)           # (1, KV*hd, S)
         k, v = cache(k.unsqueeze(2), self.v_proj(x))                             # (1, KV*hd, 1, S_k) each
-        # ANE principle (fp16 range): scale the queries before the dot product, not the scores after it.
-        q = q * hd ** -0.5
         # ANE principle (split attention per head): one small matmul + softmax per head on contiguous channel
         # slices, instead of one batched matmul behind reshapes/transposes the Neural Engine handles poorly.
         qs = q.split(hd, dim=1)                                       # H x (1, hd, S)
