@@ -528,7 +528,9 @@ def compact(prog) -> None:
             func.remove_ops([op])
         else:
             first[key] = v
-    keep = set(func.inputs) | {v.name for v in func.outputs}
+    # and never a word of the MIL text format (coremltools' own name sanitizer avoids the same list)
+    keep = set(func.inputs) | {v.name for v in func.outputs} | {
+        "any", "bool", "program", "func", "tensor", "list", "dict", "tuple", "true", "false", "string", "state"}
     names = (n for n in _short_names() if n not in keep)
     for op in func.operations:
         if ours(op):
