@@ -165,7 +165,8 @@ def make_optimizer(model: Transformer, s: dict, device: torch.device) -> torch.o
     # torch's AdamW shrinks by lr x weight_decay, so weight_decay = wd / peak lr gives exactly that.
     groups = [{"params": decay, "weight_decay": s["weight_decay"] / s["lr"]},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+    # fused: one kernel for the whole update (CUDA and CPU) instead of a Python loop over tensors
+    return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
 
 
 def loss_fn(model, x, y, teacher=None):
@@ -201,7 +202,7 @@ def train(run: dict, args: argparse.Namespace) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         for g in optimizer.param_groups:                               # the state may come from another device
-            g["fused"], g["foreach"] = device.type == "cuda", None
+            g["fused"], g["foreach"] = device.type in ("cuda", "cpu"), None
         st = ckpt["train_state"]
         gen.set_state(st["data_rng"])
         step, losses, val_curve, prior_seconds = st["step"], list(st["losses"]), list(st["val_curve"]), st["seconds"]
@@ -287,7 +288,10 @@ def train(run: dict, args: argparse.Namespace) -> dict:
             if stop or step == args.stop_at:
                 checkpoint()
                 bar.close()
-                print(f"stopped at step {step}; checkpoint {run['ckpt_path']} (continue with --resume)")
+                msg = f"stopped at step {step}; checkpoint {run['ckpt_path']} (continue with --resume)"
+                if stop:                                                 # interrupted: a non-zero exit
+                    raise SystemExit(f"interrupted: {msg}")
+                print(msg)
                 return {"stopped_at": step, "losses": losses}
             if time.perf_counter() - last_ckpt > args.ckpt_every and step < iters:
                 checkpoint()

@@ -3,6 +3,7 @@ distillation runs. Runs call train.main(argv) in-process on a small text file; o
 subprocess for the real exit code."""
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -141,6 +142,26 @@ def test_command_line_exit_code_and_one_line_error(corpus, tmp_path):
     assert p.returncode != 0
     assert p.stderr.strip().startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_checkpoints_and_resume_continues(corpus, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", corpus, "--out-dir", str(out), *FAST,
+           "--iters", "100000"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    seen = ""
+    while "loss=" not in seen:                    # wait until a few steps have run
+        ch = p.stderr.read(1)
+        assert ch, "train.py ended before training started"
+        seen += ch
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "interrupted" in err
+    step = load_model(str(out / "ckpt.pt"))[1]["train_state"]["step"]
+    assert step >= 1
+    r = train.main(["--out-dir", str(out), "--resume", "--iters", str(step + 2), "--device", "cpu"])
+    assert len(r["losses"]) == step + 2
 
 
 def test_distillation_target_mixes_truth_and_teacher_top1():
