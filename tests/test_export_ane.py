@@ -187,6 +187,8 @@ def test_sizes(exported):
     ad = r["adapters"]["demo"]
     # 2 layers x 2 bytes x rank 16 x (in + out) of q, o; k, v; gate, up, down
     assert ad["fp16_bytes"] == 2 * 2 * 16 * (2 * (64 + 64) + 2 * (64 + 32) + 3 * (64 + 128))
+    stored = palettize.stored_bytes(palettize.stored_tensors(exported["model"]))   # palettize.py's own count
+    assert r["ideal_bytes"] == stored + ad["fp16_bytes"]
     assert r["weight_bytes"] <= 1.03 * r["ideal_bytes"] + 16 * 1024
     # the adapter's blobs add about its own fp16 bytes (headers/alignment aside), not another copy of the base
     assert ad["added_weight_bytes"] <= 1.1 * ad["fp16_bytes"]
