@@ -678,7 +678,7 @@ class NumpyProgram:
     OWN = {"conv": lambda op, v: _conv(op, v(op.x), v(op.weight)),
            "matmul": lambda op, v: _matmul(op, v(op.x), v(op.y)),
            "linear": lambda op, v: _linear(op, v(op.x), v(op.weight)),
-           "silu": lambda op, v: (lambda x: x / (1 + np.exp(-x)))(v(op.x).astype(np.float32))}
+           "silu": lambda op, v: (lambda x: x * 0.5 * (1 + np.tanh(x / 2)))(v(op.x).astype(np.float32))}
 
     def __init__(self, func):
         self.func = func
