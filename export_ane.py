@@ -981,7 +981,7 @@ def parse_args(argv=None):
     ap.add_argument("--out-dir", default="out", help="writes afm.mlpackage and export.json here")
     ap.add_argument("--adapters", nargs="*", default=None,
                     help="adapter files (lora.py); default: every out/adapter_*.pt; give none to export none")
-    ap.add_argument("--prefill-len", type=int, default=None, help="fixed prompt length of `prefill` (default 64)")
+    ap.add_argument("--prefill-len", type=int, default=None, help="fixed prompt length of `prefill` (default: 64, or half the context if less)")
     ap.add_argument("--context", type=int, default=None, help="KV-cache length (default: the model's max_seq_len)")
     ap.add_argument("--no-verify", action="store_true", help="skip reading the package back and the numpy run")
     return ap.parse_args(argv)
