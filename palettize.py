@@ -1,0 +1,577 @@
+"""
+palettize.py -- grouped k-means palettization: 4-bit / mixed 2-4-bit lookup tables, an 8-bit embedding.
+
+Follows section 5.1 ("Optimizations") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
+(arXiv 2407.21075): every projection weight is palettized -- each group of 16 consecutive output channels
+(rows of `nn.Linear.weight`, as Core ML's per-grouped-channel LUTs group them) shares a lookup table (LUT) of
+2**bits fp16 values found by k-means, and every weight is stored as a `bits`-bit index into its group's LUT.
+AFM-on-device mixes 2-bit and 4-bit layers to about 3.7 bits per weight; the embedding (tied with the output
+head) is quantized to 8 bits per channel (symmetric, one fp16 scale per row); norm weights stay float.
+
+The k-means (written here, in torch; CPU or CUDA; no Python loop over groups; deterministic)
+---------------------------------------------------------------------------------------------------
+The LUT is fp16, so the weights are cast to fp16 first, and an fp16 tensor holds at most 65,536 distinct
+values. Reinterpreting the 16 bits as an integer and flipping the magnitude bits of negative numbers gives a
+key whose integer order is the order of the values (`fp16_keys`). One `bincount` over
+(group * R + key - min_key) turns the whole weight into a histogram per group over the R keys it spans
+(R is about 24,000 for N(0, 0.02^2) weights); with `importance` the bins sum importance instead of counting
+(weighted k-means). From here on a group of 49,152 weights is a histogram, and k-means is 1-D:
+
+  * In 1-D the clusters of any assignment that k-means can end in are contiguous runs of the sorted values,
+    so a clustering is just k - 1 boundaries. With prefix sums P0, P1, P2 of count, count*value and
+    count*value^2 over the sorted values, any run's count, sum and squared error (S2 - S1^2 / S0) cost two
+    lookups each. Nothing ever touches the individual weights again.
+  * Lloyd's iteration becomes: boundaries = midpoints of the sorted centres, located in the sorted value
+    table by `searchsorted`; new centres = (P1 differences) / (P0 differences); an empty cluster keeps its
+    centre. That is O(groups * k * log R) per iteration, for all groups at once.
+  * Lloyd only finds a local optimum, and on real samples a poor one is common (on 4,096 N(0,1) samples
+    Lloyd from quantiles ends 1-9% above the optimum at k = 16). So after Lloyd comes a large-neighbourhood
+    search solved exactly by dynamic programming (`_band_refine`): each boundary may move anywhere between
+    its two neighbours, trying ~2*W candidate positions (spread evenly in count and in value), and a DP over
+    the boundaries (k steps of a (W x W) min-plus product, all groups at once) picks the best joint move.
+    The window then zooms in around the chosen candidates until it resolves single values, and Lloyd
+    polishes. The current solution is always a candidate, so the objective never increases. This lands
+    within ~0.05% of the exact optimum on average (checked against an O(k n^2) DP in the tests).
+  * Initialisation: quantiles of the (weighted) distribution at (j + 1/2) / k.
+
+Finally the centres are rounded to fp16, sorted and made strictly increasing (a duplicate is bumped to the
+next fp16 value), and every weight gets the index of its nearest final LUT entry -- found per group as k - 1
+thresholds in key space, turned into a (group, key) -> index table and gathered by key. So
+`dequantize(lut, indices)` reproduces LUT values exactly, and the indices are optimal for the stored LUT.
+Cost: a few passes over the weights plus O(groups * R) for the prefix sums; a 3072x3072 weight takes a
+fraction of a second on 2 CPU cores, ~20-100x less than coremltools' k-means at lower error (bench.py).
+
+Run
+---
+    python palettize.py                      # out/ckpt.pt -> out/palettized.pt + out/palettize.json (3.7 bpw)
+    python palettize.py --bits 4             # uniform 4-bit
+    python palettize.py --bpw 3.7 --sensitivity   # Fisher-weighted k-means (squared gradients)
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import (CheckpointError, Transformer, config_from_dict, load_checkpoint, load_model, save_checkpoint,
+                   save_json)
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BITS = (1, 2, 3, 4, 6, 8)          # what Core ML's constexpr_lut_to_dense stores (uint1 ... uint8)
+
+
+class PalettizeError(ValueError):
+    """Bad input to palettization; the message is one line naming the layer."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fp16 values as order-preserving integer keys
+
+FINITE_KEYS = (-31744, 31743)      # keys of -65504 and +65504; beyond them lie +-inf and NaN
+
+
+def fp16_keys(w16: torch.Tensor) -> torch.Tensor:
+    """fp16 tensor -> int16 keys with the same order as the values (-0 -> -1, +0 -> 0).
+    Positive numbers keep their bits; negative ones flip their 15 magnitude bits, so a larger magnitude
+    gives a smaller key."""
+    b = w16.view(torch.int16)
+    return b ^ ((b >> 15) & 0x7FFF)
+
+
+def key_values(kmin: int, kmax: int, device=None) -> torch.Tensor:
+    """The float64 values of keys kmin..kmax (inclusive), sorted ascending: the shared table of fp16 values."""
+    s = torch.arange(kmin, kmax + 1, dtype=torch.int32, device=device).to(torch.int16)
+    return (s ^ ((s >> 15) & 0x7FFF)).view(torch.float16).double()
+
+
+def _fp16_from_ordinals(o: torch.Tensor) -> torch.Tensor:
+    """Ordinals (consecutive integers over the distinct finite fp16 values, 0 = zero) -> fp16."""
+    s = (o - (o < 0).to(o.dtype)).to(torch.int16)
+    return (s ^ ((s >> 15) & 0x7FFF)).view(torch.float16)
+
+
+def _ordinals(x16: torch.Tensor) -> torch.Tensor:
+    """fp16 -> int32 ordinals (-0 and +0 both 0, the next value up is 1, the next down -1)."""
+    s = fp16_keys(x16).to(torch.int32)
+    return s + (s < 0).to(torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1-D k-means on histograms
+
+def _prefix(counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """counts (G, R), values (R,) -> P (3, G, R + 1): prefix sums of count, count*v, count*v^2."""
+    G, R = counts.shape
+    P = counts.new_empty(3, G, R + 1)
+    P[:, :, 0] = 0
+    torch.cumsum(counts, 1, out=P[0, :, 1:])
+    cv = counts * values
+    torch.cumsum(cv, 1, out=P[1, :, 1:])
+    torch.cumsum(cv.mul_(values), 1, out=P[2, :, 1:])
+    return P
+
+
+def _at(P: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    """P (3, G, R+1) at positions i (G, ...) -> (3, G, ...)."""
+    G = i.shape[0]
+    return P.gather(2, i.reshape(1, G, -1).expand(3, G, -1)).view(3, *i.shape)
+
+
+def _sse(n: torch.Tensor) -> torch.Tensor:
+    """Squared error of runs around their means from their (count, sum, sum of squares) n (3, ...);
+    0 for an empty run (its sums are exactly 0)."""
+    return torch.addcdiv(n[2], n[1] * n[1], n[0].clamp_min(1e-300), value=-1.0)
+
+
+def _edges(b: torch.Tensor, R: int) -> torch.Tensor:
+    """Inner boundaries (G, k-1) -> all boundaries (G, k+1): 0, b..., R."""
+    G = b.shape[0]
+    return torch.cat([b.new_zeros(G, 1), b, b.new_full((G, 1), R)], 1)
+
+
+def _boundaries(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Sorted centres (G, k) -> inner boundaries (G, k-1): each value goes to its nearest centre
+    (a value exactly at a midpoint goes up)."""
+    return torch.searchsorted(values, ((c[:, 1:] + c[:, :-1]) * 0.5).contiguous())
+
+
+def _means(P, values: torch.Tensor, b: torch.Tensor, old: torch.Tensor | None = None):
+    """(means (G, k), total squared error (G,)) of the runs between boundaries b (G, k-1). An empty run keeps
+    its `old` centre, or takes the value where it sits (either keeps the centres sorted)."""
+    e = _edges(b, values.numel())
+    n = _at(P, e[:, 1:]) - _at(P, e[:, :-1])                                 # (3, G, k)
+    if old is None:
+        old = values[e[:, :-1].clamp_max(values.numel() - 1)]
+    return torch.where(n[0] > 0, n[1] / n[0].clamp_min(1e-300), old), _sse(n).sum(1)
+
+
+def _lloyd(P, values, c, max_iters: int, history: list | None):
+    """Lloyd's iteration, over-relaxed: each step also tries going omega times as far as plain Lloyd
+    (c + omega * (lloyd(c) - c), then a Lloyd step from there) and keeps whichever ends with less error,
+    doubling omega after a success (at most 16) and resetting it to 2 after a failure. Plain Lloyd creeps
+    towards its fixed point (~250 steps on N(0, 1) samples at k = 16); this gets there in ~60. Each group
+    keeps the better of two Lloyd results, so the error still never increases. Stops when no group changes."""
+    c, obj = _means(P, values, _boundaries(values, c), c)
+    omega = c.new_full((c.shape[0], 1), 2.0)
+    for _ in range(max_iters):
+        c1, obj1 = _means(P, values, _boundaries(values, c), c)
+        c2 = (c + omega * (c1 - c)).sort(1).values
+        c2, obj2 = _means(P, values, _boundaries(values, c2), c2)
+        ok = obj2 < obj1
+        c = torch.where(ok[:, None], c2, c1)
+        new = torch.where(ok, obj2, obj1)
+        omega = torch.where(ok[:, None], (omega * 2).clamp_max(16.0), 2.0)
+        if history is not None:
+            history.append(new)
+        if torch.equal(new, obj):
+            break
+        obj = new
+    return c
+
+
+def _band_dp(P, cand: torch.Tensor):
+    """Best boundaries with boundary j restricted to cand[:, j, :] (sorted), exactly, by DP over j.
+    cand (G, k-1, C) -> (chosen position (G, k-1), chosen candidate number (G, k-1), objective (G,))."""
+    G, K1, C = cand.shape
+    Pc = _at(P, cand)                                                         # (3, G, k-1, C)
+    # D[g, w]: least error of the runs left of boundary j when boundary j sits at cand[g, j, w]
+    D = _sse(Pc[:, :, 0] - P[:, :, :1])                                      # (G, C)
+    back = []
+    for j in range(K1 - 1):
+        T = _sse(Pc[:, :, j + 1, None, :] - Pc[:, :, j, :, None])             # (G, C_j, C_j+1): run j+1
+        T += D[:, :, None]
+        T.masked_fill_(cand[:, j, :, None] > cand[:, j + 1, None, :], math.inf)
+        D, arg = T.min(1)
+        back.append(arg)
+    D = D + _sse(P[:, :, -1:] - Pc[:, :, -1])
+    obj, w = D.min(1)
+    picks = [w]
+    for arg in reversed(back):
+        w = arg.gather(1, w[:, None])[:, 0]
+        picks.append(w)
+    pick = torch.stack(picks[::-1], 1)                                           # (G, k-1)
+    return cand.gather(2, pick[..., None])[..., 0], pick, obj
+
+
+def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: list | None, zoom: bool = True):
+    """Large-neighbourhood search: every boundary may move anywhere between its neighbours; the DP picks the
+    best joint move among `width` candidates per boundary spread evenly in value (they reach into sparse
+    tails), `width` spread evenly in cumulative count (they resolve dense regions), and the current position.
+    Then zoom: each window shrinks to the candidates either side of the one picked, until no window changes.
+    Never increases the objective."""
+    G, K1 = b.shape
+    R = P.shape[2] - 1
+    e = _edges(b, R)
+    lo, hi = e[:, :-2], e[:, 2:]                                                 # (G, k-1) windows
+    u = torch.linspace(0, 1, width, dtype=torch.float64, device=b.device)
+    top = values[-1:].expand(1)
+    vals = torch.cat([values, top])                                              # value at each position 0..R
+    obj = None
+    for _ in range(64):
+        v0, v1 = vals[lo], vals[hi]
+        by_value = torch.searchsorted(values, (v0[..., None] + (v1 - v0)[..., None] * u).contiguous())
+        c0, c1 = P[0].gather(1, lo), P[0].gather(1, hi)
+        target = (c0[..., None] + (c1 - c0)[..., None] * u).reshape(G, -1)
+        by_count = torch.searchsorted(P[0], target).view(G, K1, width)
+        cand = torch.cat([by_value, by_count], 2)
+        cand = torch.minimum(torch.maximum(cand, lo[..., None]), hi[..., None])
+        cand = torch.cat([cand, b[..., None]], 2).sort(2).values
+        b, pick, obj = _band_dp(P, cand)
+        if history is not None:
+            history.append(obj)
+        if not zoom:
+            break
+        C = cand.shape[2]
+        new_lo = cand.gather(2, (pick - 1).clamp_min(0)[..., None])[..., 0]
+        new_hi = cand.gather(2, (pick + 1).clamp_max(C - 1)[..., None])[..., 0]
+        if torch.equal(new_lo, lo) and torch.equal(new_hi, hi):
+            break
+        lo, hi = new_lo, new_hi
+    return b, obj
+
+
+def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 40, max_rounds: int = 8,
+             width: int = 9, polish_iters: int = 40, zoom: bool = True, tol: float = 1e-4,
+             history: list | None = None) -> torch.Tensor:
+    """Weighted 1-D k-means of G histograms at once.
+
+    counts: (G, R) non-negative weights of the R sorted `values` (R,), float64 (any table of sorted values:
+    all fp16 keys of a range, or `torch.unique` of a sample). Returns sorted centres (G, k), float64.
+    `history`, if a list, receives the objective (G,) (weighted squared error) after every step; it never
+    increases. Steps: quantile init -> Lloyd -> rounds of (band DP refinement -> Lloyd) while a round lowers
+    the total error by more than `tol` (relative), at most `max_rounds`."""
+    counts, values = counts.double(), values.double().contiguous()
+    G, R = counts.shape
+    P = _prefix(counts, values)
+    t = (torch.arange(k, dtype=torch.float64, device=counts.device) + 0.5) / k * P[0, :, -1:]
+    c = values[(torch.searchsorted(P[0], t) - 1).clamp(0, R - 1)]                  # (G, k) quantiles
+    c = _lloyd(P, values, c, lloyd_iters, history)
+    total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
+    for _ in range(max_rounds if k > 1 else 0):
+        b, _ = _band_refine(P, values, _boundaries(values, c), width, history, zoom)
+        c = _lloyd(P, values, _means(P, values, b)[0], polish_iters, history)
+        new_total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
+        if not new_total < total * (1 - tol):
+            break
+        total = new_total
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Palettizing weights
+
+def _check_weight(w: torch.Tensor, bits: int, group_size: int, name: str = "weight", importance=None):
+    if bits not in BITS:
+        raise PalettizeError(f"{name}: unsupported bits {bits} (choose from {', '.join(map(str, BITS))})")
+    if w.dim() != 2:
+        raise PalettizeError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    if group_size < 1 or w.shape[0] % group_size:
+        raise PalettizeError(f"{name}: {w.shape[0]} output channels (shape {tuple(w.shape)}) are not divisible "
+                             f"by the group size {group_size}")
+    if importance is not None:
+        if importance.shape != w.shape:
+            raise PalettizeError(f"{name}: importance shape {tuple(importance.shape)} != weight shape "
+                                 f"{tuple(w.shape)}")
+        if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
+            raise PalettizeError(f"{name}: importance must be finite and non-negative")
+
+
+def _lut_from_centres(c: torch.Tensor) -> torch.Tensor:
+    """float centres (G, K) -> fp16 LUT (G, K): rounded, sorted, strictly increasing (duplicates are bumped
+    to the next fp16 value up, or down at the top of the range)."""
+    K = c.shape[1]
+    o = _ordinals(c.half()).sort(1).values
+    j = torch.arange(K, dtype=torch.int32, device=c.device)
+    o = (o - j).cummax(1).values + j                         # o[j] >= o[j-1] + 1
+    top = _ordinals(torch.tensor(65504.0, dtype=torch.float16)).item()
+    o = torch.minimum(o, top - (K - 1) + j)                  # keep it finite (still strictly increasing)
+    return _fp16_from_ordinals(o)
+
+
+def _index_table(lut: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(G, R) uint8: index of the nearest LUT entry for every value of the table (ties go up)."""
+    G, K = lut.shape
+    R = values.numel()
+    l = lut.double()
+    b = torch.searchsorted(values, ((l[:, 1:] + l[:, :-1]) * 0.5).contiguous())   # (G, K-1) in [0, R]
+    t = torch.zeros(G, R + 1, dtype=torch.uint8, device=lut.device)
+    t.scatter_add_(1, b, torch.ones_like(b, dtype=torch.uint8))
+    return t.cumsum(1, dtype=torch.uint8)[:, :R].contiguous()
+
+
+@torch.no_grad()
+def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None, names=None,
+                      max_bins: int | None = None, **kmeans_args):
+    """Palettize several 2-D weights at once: all their groups go through one k-means per chunk (at most
+    `max_bins` histogram bins; a GPU sees ~100 ops per chunk instead of per layer).
+    Returns a list of (lut fp16 (out // group_size, 2**bits), indices uint8 (out, in))."""
+    names = names or [f"weight {i}" for i in range(len(ws))]
+    importances = importances or [None] * len(ws)
+    K = 2 ** bits
+    for w, imp, name in zip(ws, importances, names):
+        _check_weight(w, bits, group_size, name, imp)
+    if not ws:
+        return []
+    device = ws[0].device
+    if max_bins is None:
+        max_bins = 2 ** 28 if device.type == "cuda" else 2 ** 24
+    keys = [fp16_keys(w.detach().to(torch.float16)) for w in ws]                 # (out, in) int16
+    lim = torch.stack([torch.stack(torch.aminmax(k)) for k in keys]).int().tolist()  # one sync
+    for (lo, hi), name, w in zip(lim, names, ws):
+        if lo < FINITE_KEYS[0] or hi > FINITE_KEYS[1]:
+            bad = "NaN" if torch.isnan(w).any() else "Inf (or beyond the fp16 range)"
+            raise PalettizeError(f"{name}: weight contains {bad}")
+    # chunks of consecutive weights whose histograms fit in max_bins
+    chunks, cur = [], []
+    for i in range(len(ws)):
+        trial = cur + [i]
+        lo, hi = min(lim[j][0] for j in trial), max(lim[j][1] for j in trial)
+        if cur and sum(ws[j].shape[0] // group_size for j in trial) * (hi - lo + 1) > max_bins:
+            chunks.append(cur)
+            trial = [i]
+        cur = trial
+    chunks.append(cur)
+
+    out = [None] * len(ws)
+    for chunk in chunks:
+        kmin, kmax = min(lim[j][0] for j in chunk), max(lim[j][1] for j in chunk)
+        R = kmax - kmin + 1
+        values = key_values(kmin, kmax, device)                                     # (R,)
+        Gs = [ws[j].shape[0] // group_size for j in chunk]
+        counts = torch.empty(sum(Gs), R, dtype=torch.float64, device=device)
+        bins, g0 = [], 0
+        for j, G in zip(chunk, Gs):
+            off = torch.arange(G, dtype=torch.int32, device=device)[:, None] * R - kmin
+            bj = (keys[j].view(G, -1).to(torch.int32) + off).view(-1)              # group * R + key - kmin
+            imp = importances[j]
+            if imp is None:
+                h = torch.bincount(bj, minlength=G * R)
+            else:   # weighted: scale each group's importance to max 1 (equal importance == unweighted)
+                imp = imp.detach().to(device, torch.float64).view(G, -1)
+                imp = (imp / imp.amax(1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-6)
+                h = torch.bincount(bj, weights=imp.view(-1), minlength=G * R)
+            counts[g0:g0 + G] = h.view(G, R)
+            bins.append(bj)
+            g0 += G
+        # the k-means works on (groups, k)-sized tensors: on a CPU a thread pool only adds synchronisation
+        # (and stalls badly when other processes share the cores), so it runs on one thread
+        threads = torch.get_num_threads()
+        if device.type == "cpu":
+            torch.set_num_threads(1)
+        try:
+            centres = kmeans1d(counts, values, K, **kmeans_args)
+        finally:
+            torch.set_num_threads(threads)
+        del counts
+        lut = _lut_from_centres(centres)                                           # (G_chunk, K) fp16
+        table = _index_table(lut, values).view(-1)                                 # (G_chunk * R,)
+        g0 = 0
+        for j, G, bj in zip(chunk, Gs, bins):
+            idx = table[g0 * R:(g0 + G) * R].index_select(0, bj).view(ws[j].shape)
+            out[j] = (lut[g0:g0 + G].contiguous(), idx)
+            g0 += G
+    return out
+
+
+def palettize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 16, importance=None, **kmeans_args):
+    """w (out, in) -> (lut fp16 (out // group_size, 2**bits) sorted and distinct, indices uint8 (out, in)).
+    Rows g*group_size ... (g+1)*group_size - 1 share LUT g. `importance` (same shape, >= 0) weights the
+    k-means (e.g. the diagonal Fisher information)."""
+    return palettize_weights([w], bits, group_size, None if importance is None else [importance],
+                             **kmeans_args)[0]
+
+
+def dequantize(lut: torch.Tensor, indices: torch.Tensor, group_size: int = 16) -> torch.Tensor:
+    """LUTs (G, K) and indices (out, in) -> dense float32 weight (out, in) with exactly the LUT values."""
+    rows = lut.float().repeat_interleave(group_size, 0)                            # (out, K)
+    return rows.gather(1, indices.long())
+
+
+def quantize_embedding(w: torch.Tensor):
+    """Symmetric 8-bit quantization per row: w ~= q * scale, q int8 in [-127, 127], scale fp16 (V, 1)."""
+    amax = w.detach().float().abs().amax(1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).half()
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2 ** -24))       # no fp16 underflow to 0
+    q = (w.detach().float() / scale.float()).round().clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+class PalettizedLinear(nn.Module):
+    """Frozen stand-in for nn.Linear (no bias): weight = lut[row // group_size][indices]."""
+
+    def __init__(self, lut: torch.Tensor, indices: torch.Tensor, bits: int, group_size: int = 16):
+        super().__init__()
+        self.register_buffer("lut", lut.half())           # (out // group_size, 2**bits)
+        self.register_buffer("indices", indices.to(torch.uint8))  # (out, in)
+        self.bits, self.group_size = int(bits), int(group_size)
+        self.out_features, self.in_features = indices.shape
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return dequantize(self.lut, self.indices, self.group_size)
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, " \
+               f"group_size={self.group_size}"
+
+
+def projection_names(model: nn.Module) -> list[str]:
+    """Names of the projection modules (float or palettized), in model order."""
+    return [n for n, m in model.named_modules()
+            if n.rsplit(".", 1)[-1] in PROJECTIONS and isinstance(m, (nn.Linear, PalettizedLinear))]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module):
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def set_embedding(model: nn.Module, q: torch.Tensor, scale: torch.Tensor):
+    """Make tok_emb carry the int8 embedding: buffers weight_int8, weight_scale; weight = their product."""
+    e = model.tok_emb
+    e.register_buffer("weight_int8", q.to(e.weight.device))
+    e.register_buffer("weight_scale", scale.to(e.weight.device))
+    e.weight.data = q.to(e.weight.device).float() * scale.to(e.weight.device).float()
+    e.weight.requires_grad_(False)
+
+
+@torch.no_grad()
+def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: dict | None = None,
+                    progress: bool = False) -> list[dict]:
+    """Palettize every projection of `model` in place (and quantize the embedding to 8 bits).
+    bits: an int or {layer name: bits}; importance: optional {layer name: tensor like the weight}.
+    Returns [{name, bits, mse, rel_mse}] per layer. Checks every layer before changing anything."""
+    names = projection_names(model)
+    layers = {n: model.get_submodule(n) for n in names}
+    todo = [n for n in names if isinstance(layers[n], nn.Linear)]
+    bits_of = {n: bits if isinstance(bits, int) else bits.get(n) for n in todo}
+    importance = importance or {}
+    for n in todo:
+        if bits_of[n] is None:
+            raise PalettizeError(f"{n}: no bits given for this layer")
+        _check_weight(layers[n].weight, bits_of[n], group_size, n, importance.get(n))
+        if not bool(torch.isfinite(layers[n].weight).all()):
+            raise PalettizeError(f"{n}: weight contains NaN or Inf")
+    report = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="palettize", unit="layer")
+    # layers of equal bits go through the k-means together, a few at a time (one per GPU chunk)
+    batch = 64 if next(model.parameters()).is_cuda else 4
+    for b in sorted(set(bits_of.values())):
+        group = [n for n in todo if bits_of[n] == b]
+        for i in range(0, len(group), batch):
+            part = group[i:i + batch]
+            ws = [layers[n].weight for n in part]
+            imps = [importance.get(n) for n in part] if any(n in importance for n in part) else None
+            if imps is not None:
+                imps = [torch.ones_like(w) if m is None else m for w, m in zip(ws, imps)]
+            res = palettize_weights(ws, b, group_size, imps, names=part)
+            for n, w, (lut, idx) in zip(part, ws, res):
+                err = (dequantize(lut, idx, group_size) - w.float()).pow(2).mean().item()
+                power = w.float().pow(2).mean().item()
+                report[n] = {"name": n, "bits": b, "mse": err, "rel_mse": err / power if power > 0 else 0.0}
+                _set_module(model, n, PalettizedLinear(lut, idx, b, group_size))
+            if bar:
+                bar.update(len(part))
+    if bar:
+        bar.close()
+    if not hasattr(model.tok_emb, "weight_int8"):
+        set_embedding(model, *quantize_embedding(model.tok_emb.weight))
+    return [report[n] for n in todo]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Storage: indices packed to their bit width
+
+def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 values < 2**bits -> a flat uint8 stream of len ceil(numel * bits / 8) (little-endian bits)."""
+    flat = idx.reshape(-1).to(torch.uint8)
+    if bits == 8:
+        return flat.clone()
+    shifts = torch.arange(bits, dtype=torch.uint8, device=flat.device)
+    bitstream = ((flat[:, None] >> shifts) & 1).reshape(-1)                       # (numel * bits,)
+    pad = (-bitstream.numel()) % 8
+    bitstream = torch.cat([bitstream, bitstream.new_zeros(pad)]).view(-1, 8)
+    return (bitstream << torch.arange(8, dtype=torch.uint8, device=flat.device)).sum(1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
+    n = math.prod(shape)
+    if bits == 8:
+        return packed[:n].view(shape).clone()
+    bitstream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(-1)
+    b = bitstream[:n * bits].view(n, bits)
+    return (b << torch.arange(bits, dtype=torch.uint8, device=packed.device)).sum(1, dtype=torch.uint8).view(shape)
+
+
+def stored_tensors(model: nn.Module) -> dict:
+    """What a palettized checkpoint stores: {"layers": {name: {bits, group_size, shape, lut, indices}},
+    "embedding": {"q", "scale"}, "float": {name: fp16 tensor} (norm weights)}."""
+    layers = {}
+    covered = set()
+    for n in projection_names(model):
+        m = model.get_submodule(n)
+        if not isinstance(m, PalettizedLinear):
+            raise PalettizeError(f"{n}: not palettized (run palettize_model first)")
+        layers[n] = {"bits": m.bits, "group_size": m.group_size, "shape": list(m.indices.shape),
+                     "lut": m.lut.detach().cpu().half(), "indices": pack_bits(m.indices.detach().cpu(), m.bits)}
+        covered |= {f"{n}.lut", f"{n}.indices"}
+    e = model.tok_emb
+    if not hasattr(e, "weight_int8"):
+        raise PalettizeError("tok_emb: embedding not quantized (run palettize_model first)")
+    covered |= {"tok_emb.weight", "tok_emb.weight_int8", "tok_emb.weight_scale"}
+    floats = {k: v.detach().cpu().half() for k, v in model.state_dict().items() if k not in covered}
+    return {"layers": layers, "embedding": {"q": e.weight_int8.detach().cpu(), "scale": e.weight_scale.detach().cpu()},
+            "float": floats}
+
+
+def stored_bytes(stored: dict) -> int:
+    """Bytes of everything needed to run: packed indices, LUTs, int8 embedding and scales, fp16 norms."""
+    t = [v for L in stored["layers"].values() for v in (L["lut"], L["indices"])]
+    t += list(stored["embedding"].values()) + list(stored["float"].values())
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def save_palettized(path: str, model: nn.Module, **extra) -> None:
+    """Write a palettized model (kind "palettized", config inside), atomically."""
+    stored = stored_tensors(model)
+    save_checkpoint(path, kind="palettized", config=asdict(model.config), **stored, **extra)
+
+
+def load_palettized(path: str, map_location="cpu"):
+    """-> (Transformer whose projections are PalettizedLinear, checkpoint dict)."""
+    ckpt = load_checkpoint(path, "palettized", map_location="cpu")
+    try:
+        model = Transformer(config_from_dict(ckpt["config"]))
+        for n, L in ckpt["layers"].items():
+            m = model.get_submodule(n)
+            if list(m.weight.shape) != list(L["shape"]):
+                raise ValueError(f"{n} has shape {L['shape']}, the config says {list(m.weight.shape)}")
+            idx = unpack_bits(L["indices"], L["bits"], L["shape"])
+            _set_module(model, n, PalettizedLinear(L["lut"], idx, L["bits"], L["group_size"]))
+        missing = [n for n in projection_names(model) if n not in ckpt["layers"]]
+        if missing:
+            raise ValueError(f"no palettized weight for {missing[0]}")
+        set_embedding(model, ckpt["embedding"]["q"], ckpt["embedding"]["scale"])
+        floats = {k: v.float() for k, v in ckpt["float"].items()}
+        bad = model.load_state_dict(floats, strict=False)
+        lost = [k for k in bad.missing_keys if not k.endswith((".lut", ".indices")) and not k.startswith("tok_emb.")]
+        if lost or bad.unexpected_keys:
+            raise ValueError(f"float tensors do not match the config ({(lost + bad.unexpected_keys)[0]})")
+    except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a valid palettized checkpoint ({str(e).splitlines()[0]})") from None
+    return model.to(map_location), ckpt
