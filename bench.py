@@ -11,6 +11,11 @@ Sections:
              benchmark-only dependency: pip install scikit-learn). Both errors are measured against the same
              fp16 weight, after decoding coremltools' constexpr_lut_to_dense op. Ratios: time (coremltools / ours)
              and MSE (ours / coremltools).
+  train      training throughput: `tiny` on this machine's CPU (tokens/s); with --device cuda, `small` with
+             bf16 autocast and torch.compile, its tokens/s and MFU against the H200's 989 TFLOP/s dense bf16.
+  generate   greedy generation to the end of the context with the KV cache against recomputing the prefix at
+             every step (out/ckpt.pt if present, else a random `tiny`): tokens/s both ways, same tokens.
+  export     the Core ML package's bytes against the ideal bytes, read from out/export.json.
   afm        the whole afm-on-device model's projection weights (26 layers x 7, about 2.6B weights, random
              N(0, 0.02^2)) palettized to 4 bits, timed end to end from weights on the device to LUTs and
              indices. Meant for one GPU: `python bench.py --only afm --device cuda`.
@@ -134,8 +139,76 @@ def bench_afm(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Training throughput: `tiny` on this machine's CPU; on a GPU, `small` with bf16 + torch.compile and its MFU
 
-SECTIONS = {"palettize": bench_palettize, "afm": bench_afm}
+def bench_train(args) -> dict:
+    import tempfile
+    import train
+
+    cuda = str(args.device).startswith("cuda")
+    argv = (["--config", "small", "--device", args.device, "--dtype", "bfloat16", "--compile", "--batch-size", "64",
+             "--iters", "150"] if cuda else
+            ["--config", "tiny", "--device", "cpu", "--iters", "30"])
+    with tempfile.TemporaryDirectory() as d:
+        r = train.main(argv + ["--out-dir", d, "--eval-every", "100000"])
+    out = {"config": r["config"]["name"], "device": r["device"], "tokens_per_second": r["tokens_per_second"],
+           "train_command": "python train.py " + " ".join(argv)}
+    if cuda:
+        out.update(mfu=r["mfu"], gpu=torch.cuda.get_device_name(), torch=torch.__version__)
+    print(f"train {out['config']} on {out['device']}: {out['tokens_per_second']:,.0f} tokens/s"
+          + (f", MFU {out['mfu']:.1%} of 989 TFLOP/s" if cuda else ""))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Generation: the KV cache against recomputing the whole prefix at every step
+
+def bench_generate(args) -> dict:
+    from model import Transformer, load_model
+
+    path = os.path.join(args.out_dir, "ckpt.pt")
+    if os.path.isfile(path):
+        model, _ = load_model(path)
+    else:
+        torch.manual_seed(0)
+        model = Transformer(CONFIGS["tiny"])
+    model.eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    n = model.config.max_seq_len - prompt.shape[1]
+    res = {}
+    for use_cache in (True, False):
+        model.generate(prompt, 8, use_cache=use_cache)                          # warm-up
+        t = time.perf_counter()
+        out = model.generate(prompt, n, use_cache=use_cache)
+        res[use_cache] = (time.perf_counter() - t, out)
+    same = bool(torch.equal(res[True][1], res[False][1]))
+    r = {"config": model.config.name, "new_tokens": n, "cached_tokens_per_second": n / res[True][0],
+         "recompute_tokens_per_second": n / res[False][0], "speedup": res[False][0] / res[True][0],
+         "same_tokens": same}
+    print(f"generate {n} tokens ({model.config.name}, greedy): KV cache {r['cached_tokens_per_second']:,.0f} tok/s, "
+          f"recompute {r['recompute_tokens_per_second']:,.0f} tok/s -> {r['speedup']:.1f}x; same tokens: {same}")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export: package bytes against the ideal (packed indices + LUTs + int8 embedding + fp16 rest), from export.json
+
+def bench_export(args) -> dict:
+    path = os.path.join(args.out_dir, "export.json")
+    if not os.path.isfile(path):
+        print(f"export: {path} not found (run python export_ane.py first); skipped")
+        return {"skipped": f"{path} not found"}
+    with open(path) as f:
+        e = json.load(f)
+    r = {"package_bytes": e["package_bytes"], "ideal_bytes": e["ideal_bytes"],
+         "ratio": e["package_bytes"] / e["ideal_bytes"]}
+    print(f"export: package {r['package_bytes']:,} bytes, ideal {r['ideal_bytes']:,} -> {r['ratio']:.3f}x")
+    return r
+
+# ----------------------------------------------------------------------------------------------------------
+
+SECTIONS = {"palettize": bench_palettize, "train": bench_train, "generate": bench_generate, "export": bench_export,
+            "afm": bench_afm}
 
 
 def main(argv=None):
