@@ -206,6 +206,83 @@ def bench_export(args) -> dict:
     return r
 
 # ----------------------------------------------------------------------------------------------------------
+# The recipe's results table, built only from the JSON reports the scripts wrote
+
+RECIPE = ("python train.py && python palettize.py --bpw 3.7 --sensitivity --sweep && python lora.py && "
+          "python lora.py --task pydoc --init recovery && python lora.py --task pydoc --init zero && "
+          "python export_ane.py && python bench.py --table")
+MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _load(out_dir, name):
+    path = os.path.join(out_dir, name)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def results_table(out_dir: str = "out") -> str:
+    """A Markdown table of what each step of the recipe cost and gained, from out/*.json alone."""
+    tr, pal = _load(out_dir, "train.json"), _load(out_dir, "palettize.json")
+    rec = _load(out_dir, "lora_recovery.json")
+    feats = {i: _load(out_dir, f"lora_pydoc_{i}.json") for i in ("recovery", "zero")}
+    exp = _load(out_dir, "export.json")
+    mb = lambda b: f"{b / 1e6:.2f} MB"
+    lines = ["| step | model | val bpb (bible) | bytes | command |", "|---|---|---|---|---|"]
+    if tr:
+        lines.append(f"| train | `{tr['config']['name']}` float, {tr['params'] / 1e6:.2f}M params, {tr['iters']} steps, "
+                     f"{tr['seconds']:.0f} s, {tr['tokens_per_second']:,.0f} tok/s | {tr['val_bpb']:.4f} | "
+                     f"{mb(pal['float_bytes']) + ' (fp16)' if pal else ''} | `python train.py` |")
+    if pal:
+        for row in pal.get("sweep", []):
+            lines.append(f"| palettize | uniform {row['bits']}-bit, {row['bits_per_weight']:.2f} bits/weight | "
+                         f"{row['val_bpb']:.4f} ({row['val_bpb'] / pal['val_bpb_float'] - 1:+.2%}) | "
+                         f"{mb(row['model_bytes'])} | `python palettize.py --sweep` |")
+        how = "Fisher-weighted k-means" if pal.get("sensitivity") else "k-means"
+        lines.append(f"| palettize | mixed 2/4-bit, {pal['bits_per_weight']:.2f} bits/weight, {how} | "
+                     f"{pal['val_bpb_palettized']:.4f} ({pal['val_bpb_palettized'] / pal['val_bpb_float'] - 1:+.2%}) | "
+                     f"{mb(pal['model_bytes'])} | `python palettize.py --bpw 3.7 --sensitivity` |")
+    if rec:
+        lines.append(f"| recovery adapter | rank {rec['rank']} LoRA on the {rec['base_bits_per_weight']:.2f}-bit base, "
+                     f"{rec['iters']} steps, {rec['seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, "
+                     f"closes {rec['gap_closed']:.0%} of the gap | +{mb(rec['adapter_bytes'])} | `python lora.py` |")
+    if exp:
+        lines.append(f"| export | Core ML package ({', '.join(exp['functions'])}) | max logit diff "
+                     f"{exp['max_abs_logit_diff']:.3f}, argmax agreement {exp['argmax_agreement']:.1%} | "
+                     f"{mb(exp['package_bytes'])} (ideal {mb(exp['ideal_bytes'])}) | `python export_ane.py` |")
+    out = "\n".join(lines)
+    if all(feats.values()):
+        steps = sorted(set(feats["recovery"]["val_bpb_by_step"]) & set(feats["zero"]["val_bpb_by_step"]), key=int)
+        out += ("\n\nFeature adapter on Python's documentation (`pydoc` validation bpb; same steps and seed; "
+                "`python lora.py --task pydoc --init recovery` / `--init zero`):\n\n"
+                "| init | " + " | ".join(f"step {s}" for s in steps) + " | bible bpb after |\n"
+                "|---|" + "---|" * (len(steps) + 1) + "\n")
+        for i, f in feats.items():
+            out += (f"| {i} | " + " | ".join(f"{f['val_bpb_by_step'][s]:.4f}" for s in steps)
+                    + f" | {f['bible_val_bpb_end']:.4f} |\n")
+    return out.rstrip("\n")
+
+
+def write_table(out_dir: str = "out", readme: str = "README.md") -> str:
+    """Print the table and put it into the README between the results markers, with date, machine, command."""
+    body = results_table(out_dir)
+    stamp = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs, "
+             f"torch {torch.__version__}, with:\n\n```bash\n{RECIPE}\n```\n\n")
+    print(body)
+    if os.path.isfile(readme):
+        with open(readme) as f:
+            text = f.read()
+        if MARK_BEGIN in text and MARK_END in text:
+            head, rest = text.split(MARK_BEGIN, 1)
+            tail = rest.split(MARK_END, 1)[1]
+            with open(readme + ".tmp", "w") as f:
+                f.write(f"{head}{MARK_BEGIN}\n{stamp}{body}\n{MARK_END}{tail}")
+            os.replace(readme + ".tmp", readme)
+            print(f"updated the results table in {readme}")
+    return body
+
+# ----------------------------------------------------------------------------------------------------------
 
 SECTIONS = {"palettize": bench_palettize, "train": bench_train, "generate": bench_generate, "export": bench_export,
             "afm": bench_afm}
@@ -219,7 +296,12 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for our side of CPU sections (default 2)")
     ap.add_argument("--out-dir", default="out", help="where bench.json goes (default: out)")
     ap.add_argument("--shapes", default="3072x3072,8192x3072", help="weight shapes of the palettize section")
+    ap.add_argument("--table", action="store_true",
+                    help="print the recipe's results table from OUT_DIR/*.json and write it into README.md")
     args = ap.parse_args(argv)
+    if args.table:
+        write_table(args.out_dir)
+        return {}
     try:
         args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     except ValueError:
