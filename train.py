@@ -184,10 +184,9 @@ def loss_fn(model, x, y, teacher=None):
 
 # ----------------------------------------------------------------------------------------------------------
 
-def train(run: dict, args: argparse.Namespace) -> dict:
+def train(run: dict, args: argparse.Namespace, t_start: float, cpu_start: float = 0.0) -> dict:
     s, cfg, device, ckpt = run["settings"], run["cfg"], run["device"], run["ckpt"]
     B, T, accum, iters = s["batch_size"], s["seq_len"], s["grad_accum"], s["iters"]
-    t_start = time.perf_counter()
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -304,14 +303,15 @@ def train(run: dict, args: argparse.Namespace) -> dict:
 
     r = validate()
     checkpoint()
-    seconds = prior_seconds + time.perf_counter() - t_start
     tok_s = timed_tokens / timed_seconds if timed_seconds else 0.0
     prompt = encode("In the beginning")[None].long().to(device)
     text = decode(model.generate(prompt, min(200, cfg.max_seq_len - prompt.shape[1]), temperature=0.8, top_k=40,
                                  generator=torch.Generator(device=device).manual_seed(s["seed"]))[0].cpu())
+    seconds = prior_seconds + time.perf_counter() - t_start      # the whole run, data loading included
     report = {
         "config": asdict(cfg), **n, "iters": iters, "tokens_seen": iters * B * T * accum,
-        "seconds": round(seconds, 2), "tokens_per_second": round(tok_s, 1),
+        "seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu_start, 2),
+        "tokens_per_second": round(tok_s, 1),
         "val_loss": r["loss"], "val_bpb": r["bpb"],
         **({"mfu": flops_tok * tok_s / H200_BF16_PEAK} if device.type == "cuda" else {}),
         "flops_per_token": flops_tok, "settings": s, "device": str(device), "dtype": run["dtype"],
@@ -327,12 +327,13 @@ def train(run: dict, args: argparse.Namespace) -> dict:
 
 
 def main(argv=None) -> dict:
+    t_start, cpu_start = time.perf_counter(), time.process_time()   # wall clock; CPU time of this process
     args = parse_args(argv)
     try:
         run = prepare(args)
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    return train(run, args)
+    return train(run, args, t_start, cpu_start)
 
 
 if __name__ == "__main__":
