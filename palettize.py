@@ -236,31 +236,59 @@ def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: 
     return b, obj
 
 
-def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 40, max_rounds: int = 8,
-             width: int = 9, polish_iters: int = 40, zoom: bool = True, tol: float = 1e-4,
-             history: list | None = None) -> torch.Tensor:
+def _init(P, values, k: int, how: str) -> torch.Tensor:
+    """Initial centres (G, k): quantiles of the weighted distribution at (j + 1/2) / k ("quantile"), evenly
+    spaced between the smallest and largest occupied value ("uniform"), or half of each ("mixed": the
+    quantiles cover the mass, the even spacing reaches the tails where squared error piles up)."""
+    G, R = P.shape[1], P.shape[2] - 1
+    dev = values.device
+    nq = {"quantile": k, "uniform": 0, "mixed": k - k // 2}[how]
+    t = (torch.arange(nq, dtype=torch.float64, device=dev) + 0.5) / nq * P[0, :, -1:]
+    cq = values[(torch.searchsorted(P[0], t) - 1).clamp(0, R - 1)]                  # (G, nq)
+    total = P[0, :, -1:].contiguous()
+    first = (torch.searchsorted(P[0], torch.zeros_like(total), right=True) - 1).clamp(0, R - 1)
+    last = (torch.searchsorted(P[0], total) - 1).clamp(0, R - 1)
+    lo, hi = values[first], values[last]                                             # (G, 1)
+    nu = k - nq
+    cu = lo + (hi - lo) * (torch.arange(nu, dtype=torch.float64, device=dev) + 0.5) / max(nu, 1)
+    return torch.cat([cq, cu], 1).sort(1).values
+
+
+def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 40, max_rounds: int | None = None,
+             width: int = 13, polish_iters: int = 40, zoom: bool = True, tol: float = 1e-4,
+             init: str = "mixed", history: list | None = None) -> torch.Tensor:
     """Weighted 1-D k-means of G histograms at once.
 
     counts: (G, R) non-negative weights of the R sorted `values` (R,), float64 (any table of sorted values:
     all fp16 keys of a range, or `torch.unique` of a sample). Returns sorted centres (G, k), float64.
     `history`, if a list, receives the objective (G,) (weighted squared error) after every step; it never
     increases. Steps: quantile init -> Lloyd -> rounds of (band DP refinement -> Lloyd) while a round lowers
-    the total error by more than `tol` (relative), at most `max_rounds`."""
-    counts, values = counts.double(), values.double().contiguous()
-    G, R = counts.shape
-    P = _prefix(counts, values)
-    t = (torch.arange(k, dtype=torch.float64, device=counts.device) + 0.5) / k * P[0, :, -1:]
-    c = values[(torch.searchsorted(P[0], t) - 1).clamp(0, R - 1)]                  # (G, k) quantiles
-    c = _lloyd(P, values, c, lloyd_iters, history)
-    total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
-    for _ in range(max_rounds if k > 1 else 0):
-        b, _ = _band_refine(P, values, _boundaries(values, c), width, history, zoom)
-        c = _lloyd(P, values, _means(P, values, b)[0], polish_iters, history)
-        new_total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
-        if not new_total < total * (1 - tol):
-            break
-        total = new_total
-    return c
+    the total error by more than `tol` (relative), at most `max_rounds` (default 8 for k <= 16; 1 above, where
+    each round costs k sequential DP steps and the clusters are narrow)."""
+    # Every tensor here is (groups, k)-sized or a gather from the prefix sums: on a CPU a thread pool only
+    # adds synchronisation (and stalls badly when other processes share the cores), so use one thread.
+    threads = torch.get_num_threads()
+    if counts.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        counts, values = counts.double(), values.double().contiguous()
+        G, R = counts.shape
+        P = _prefix(counts, values)
+        c = _init(P, values, k, init)
+        c = _lloyd(P, values, c, lloyd_iters, history)
+        total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
+        if max_rounds is None:
+            max_rounds = 8 if k <= 16 else 1
+        for _ in range(max_rounds if k > 1 else 0):
+            b, _ = _band_refine(P, values, _boundaries(values, c), width, history, zoom)
+            c = _lloyd(P, values, _means(P, values, b)[0], polish_iters, history)
+            new_total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
+            if not new_total < total * (1 - tol):
+                break
+            total = new_total
+        return c.sort(1).values            # (a mean can stray by an ulp past its run's neighbour)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,17 +328,18 @@ def _index_table(lut: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     R = values.numel()
     l = lut.double()
     b = torch.searchsorted(values, ((l[:, 1:] + l[:, :-1]) * 0.5).contiguous())   # (G, K-1) in [0, R]
-    t = torch.zeros(G, R + 1, dtype=torch.uint8, device=lut.device)
-    t.scatter_add_(1, b, torch.ones_like(b, dtype=torch.uint8))
-    return t.cumsum(1, dtype=torch.uint8)[:, :R].contiguous()
+    t = torch.zeros(G, R + 1, dtype=torch.int32, device=lut.device)
+    t.scatter_add_(1, b, torch.ones_like(b, dtype=torch.int32))
+    return t[:, :R].cumsum(1, dtype=torch.int32).to(torch.uint8)
 
 
 @torch.no_grad()
 def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None, names=None,
-                      max_bins: int | None = None, **kmeans_args):
+                      max_bins: int | None = None, progress=None, **kmeans_args):
     """Palettize several 2-D weights at once: all their groups go through one k-means per chunk (at most
     `max_bins` histogram bins; a GPU sees ~100 ops per chunk instead of per layer).
-    Returns a list of (lut fp16 (out // group_size, 2**bits), indices uint8 (out, in))."""
+    Returns a list of (lut fp16 (out // group_size, 2**bits), indices uint8 (out, in)). `progress`, if given,
+    is called with the number of weights finished after each chunk."""
     names = names or [f"weight {i}" for i in range(len(ws))]
     importances = importances or [None] * len(ws)
     K = 2 ** bits
@@ -359,15 +388,7 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
             counts[g0:g0 + G] = h.view(G, R)
             bins.append(bj)
             g0 += G
-        # the k-means works on (groups, k)-sized tensors: on a CPU a thread pool only adds synchronisation
-        # (and stalls badly when other processes share the cores), so it runs on one thread
-        threads = torch.get_num_threads()
-        if device.type == "cpu":
-            torch.set_num_threads(1)
-        try:
-            centres = kmeans1d(counts, values, K, **kmeans_args)
-        finally:
-            torch.set_num_threads(threads)
+        centres = kmeans1d(counts, values, K, **kmeans_args)
         del counts
         lut = _lut_from_centres(centres)                                           # (G_chunk, K) fp16
         table = _index_table(lut, values).view(-1)                                 # (G_chunk * R,)
@@ -376,6 +397,8 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
             idx = table[g0 * R:(g0 + G) * R].index_select(0, bj).view(ws[j].shape)
             out[j] = (lut[g0:g0 + G].contiguous(), idx)
             g0 += G
+        if progress:
+            progress(len(chunk))
     return out
 
 
@@ -469,24 +492,19 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc="palettize", unit="layer")
-    # layers of equal bits go through the k-means together, a few at a time (one per GPU chunk)
-    batch = 64 if next(model.parameters()).is_cuda else 4
+    # layers of equal bits go through the k-means together (palettize_weights splits them into chunks)
     for b in sorted(set(bits_of.values())):
-        group = [n for n in todo if bits_of[n] == b]
-        for i in range(0, len(group), batch):
-            part = group[i:i + batch]
-            ws = [layers[n].weight for n in part]
-            imps = [importance.get(n) for n in part] if any(n in importance for n in part) else None
-            if imps is not None:
-                imps = [torch.ones_like(w) if m is None else m for w, m in zip(ws, imps)]
-            res = palettize_weights(ws, b, group_size, imps, names=part)
-            for n, w, (lut, idx) in zip(part, ws, res):
-                err = (dequantize(lut, idx, group_size) - w.float()).pow(2).mean().item()
-                power = w.float().pow(2).mean().item()
-                report[n] = {"name": n, "bits": b, "mse": err, "rel_mse": err / power if power > 0 else 0.0}
-                _set_module(model, n, PalettizedLinear(lut, idx, b, group_size))
-            if bar:
-                bar.update(len(part))
+        part = [n for n in todo if bits_of[n] == b]
+        ws = [layers[n].weight for n in part]
+        imps = [importance.get(n) for n in part] if any(n in importance for n in part) else None
+        if imps is not None:
+            imps = [torch.ones_like(w) if m is None else m for w, m in zip(ws, imps)]
+        res = palettize_weights(ws, b, group_size, imps, names=part, progress=bar.update if bar else None)
+        for n, w, (lut, idx) in zip(part, ws, res):
+            err = (dequantize(lut, idx, group_size) - w.float()).pow(2).mean().item()
+            power = w.float().pow(2).mean().item()
+            report[n] = {"name": n, "bits": b, "mse": err, "rel_mse": err / power if power > 0 else 0.0}
+            _set_module(model, n, PalettizedLinear(lut, idx, b, group_size))
     if bar:
         bar.close()
     if not hasattr(model.tok_emb, "weight_int8"):
@@ -575,3 +593,275 @@ def load_palettized(path: str, map_location="cpu"):
     except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid palettized checkpoint ({str(e).splitlines()[0]})") from None
     return model.to(map_location), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sensitivity and mixed-bit allocation
+
+def layer_bits_cost(shape, bits: int, group_size: int) -> int:
+    """Bits to store one palettized weight: indices plus fp16 LUTs."""
+    out_f, in_f = shape
+    return bits * out_f * in_f + 16 * (out_f // group_size) * 2 ** bits
+
+
+def bits_per_weight(shapes: dict, bits: dict, group_size: int) -> float:
+    """Average bits per projection weight, LUT bytes included. shapes, bits: {name: (out, in)}, {name: bits}."""
+    n = sum(a * b for a, b in shapes.values())
+    return sum(layer_bits_cost(shapes[k], bits[k], group_size) for k in shapes) / n
+
+
+def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16, low: int = 2, high: int = 4,
+                  tol: float = 0.015) -> dict:
+    """Give each layer `low` or `high` bits so that bits_per_weight lands within `tol` of `target`, at the least
+    total `cost` (cost[name] = what moving that layer from high to low bits costs, e.g. its loss rise). A 0/1
+    knapsack solved exactly by DP over the bits saved, in steps of ~0.002 / len(shapes) bits per weight.
+    Raises PalettizeError when no assignment gets within tol."""
+    names = list(shapes)
+    n = sum(a * b for a, b in shapes.values())
+    hi = bits_per_weight(shapes, {k: high for k in names}, group_size)
+    lo = bits_per_weight(shapes, {k: low for k in names}, group_size)
+    if not lo - tol <= target <= hi + tol:
+        raise PalettizeError(f"--bpw {target}: {low}/{high}-bit layers reach only {lo:.3f} .. {hi:.3f} bits per "
+                             f"weight with group size {group_size}")
+    step = 0.004 / len(names) * n                                     # DP resolution, in bits
+    save = [round((layer_bits_cost(shapes[k], high, group_size) - layer_bits_cost(shapes[k], low, group_size))
+                  / step) for k in names]
+    S = sum(save)
+    best = torch.full((S + 1,), math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    took = torch.zeros(len(names), S + 1, dtype=torch.bool)
+    for i, (k, s) in enumerate(zip(names, save)):
+        cand = torch.full_like(best, math.inf)
+        cand[s:] = best[:S + 1 - s] + max(float(cost[k]), 0.0)
+        took[i] = cand < best
+        best = torch.minimum(best, cand)
+    need = (hi - target) * n / step                                   # bits to save, in steps
+    sums = torch.arange(S + 1, dtype=torch.float64)
+    ok = (sums - need).abs() <= (tol * n / step)
+    if not bool((ok & best.isfinite()).any()):
+        raise PalettizeError(f"--bpw {target}: no mix of {low}- and {high}-bit layers lands within {tol} of it")
+    s = int(torch.where(ok, best, math.inf).argmin())
+    bits = {}
+    for i in reversed(range(len(names))):
+        if took[i, s]:
+            bits[names[i]] = low
+            s -= save[i]
+        else:
+            bits[names[i]] = high
+    return {k: bits[k] for k in names}
+
+
+def calibration_batches(train: torch.Tensor, n: int, batch_size: int, seq_len: int, seed: int, device):
+    from data import get_batch
+    g = torch.Generator().manual_seed(seed)
+    return [get_batch(train, batch_size, seq_len, g, device) for _ in range(n)]
+
+
+def fisher_information(model: nn.Module, batches, names) -> dict:
+    """Diagonal Fisher information of the projection weights: squared gradients of the training loss,
+    summed over the calibration batches. {name: float32 tensor like the weight}."""
+    was = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    weights = {n: model.get_submodule(n).weight for n in names}
+    for w in weights.values():
+        w.requires_grad_(True)
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    for x, y in batches:
+        logits = model(x)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
+        grads = torch.autograd.grad(loss, list(weights.values()))
+        for n, g in zip(weights, grads):
+            fisher[n] += g.float() ** 2
+    for n, p in model.named_parameters():
+        p.requires_grad_(was[n])
+    return fisher
+
+
+@torch.no_grad()
+def calibration_loss(model: nn.Module, batches) -> float:
+    total = 0.0
+    for x, y in batches:
+        logits = model(x)
+        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
+    return total / len(batches)
+
+
+@torch.no_grad()
+def loss_rise_at(model: nn.Module, names, batches, bits: int, group_size: int, importance: dict | None,
+                 progress: bool = False) -> dict:
+    """Rise of the calibration loss when each layer alone is palettized to `bits` (the others float)."""
+    ws = [model.get_submodule(n).weight for n in names]
+    res = palettize_weights(ws, bits, group_size, None if importance is None else [importance[n] for n in names],
+                            names=names)
+    base = calibration_loss(model, batches)
+    it = zip(names, ws, res)
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(it, total=len(names), desc=f"sensitivity ({bits}-bit)", unit="layer")
+    rise = {}
+    for n, w, (lut, idx) in it:
+        keep = w.data.clone()
+        w.data = dequantize(lut, idx, group_size).to(w.dtype)
+        rise[n] = calibration_loss(model, batches) - base
+        w.data = keep
+    return rise
+
+
+def fisher_score(model: nn.Module, names, fisher: dict, bits: int, group_size: int, weighted: bool) -> dict:
+    """Second-order estimate of the loss rise when each layer alone goes to `bits`: 1/2 sum F * (w_hat - w)^2."""
+    ws = [model.get_submodule(n).weight for n in names]
+    res = palettize_weights(ws, bits, group_size, [fisher[n] for n in names] if weighted else None, names=names)
+    return {n: 0.5 * (fisher[n] * (dequantize(lut, idx, group_size) - w.float()) ** 2).sum().item()
+            for n, w, (lut, idx) in zip(names, ws, res)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Script
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(
+        description="Palettize a trained model: every projection weight -> per-16-channel k-means LUTs "
+                    "(uniform --bits, or a 2/4-bit mix hitting --bpw), the embedding -> 8-bit per row. "
+                    "Writes OUT_DIR/palettized.pt and OUT_DIR/palettize.json.")
+    ap.add_argument("--ckpt", default=None, help="float model checkpoint from train.py [OUT_DIR/ckpt.pt]")
+    ap.add_argument("--out-dir", default="out", help="where palettized.pt and palettize.json go (default: out)")
+    ap.add_argument("--bits", type=int, default=None,
+                    help=f"uniform bits for every projection ({', '.join(map(str, BITS))})")
+    ap.add_argument("--bpw", type=float, default=None,
+                    help="target average bits per projection weight (LUTs included), mixing 2- and 4-bit layers "
+                         "where the model is least sensitive (default 3.7, the paper's shipped setting, when "
+                         "--bits is not given)")
+    ap.add_argument("--group-size", type=int, default=16, help="output channels sharing one LUT (default 16)")
+    ap.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=False,
+                    help="weight the k-means by the diagonal Fisher information (squared gradients of the "
+                         "training loss over the calibration batches)")
+    ap.add_argument("--calib-batches", type=int, default=4,
+                    help="calibration batches of the training text, for --sensitivity and the --bpw allocation "
+                         "(default 4)")
+    ap.add_argument("--calib-batch-size", type=int, default=8, help="sequences per calibration batch (default 8)")
+    ap.add_argument("--alloc", choices=("loss", "fisher"), default="loss",
+                    help="--bpw: what a layer costs at 2 bits: 'loss' = measured rise of the calibration loss with "
+                         "that layer alone at 2 bits (default), 'fisher' = 1/2 sum F (w_hat - w)^2 (no extra passes)")
+    ap.add_argument("--data", default=None, help="corpus (default: the one the checkpoint was trained on, else bible)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the checkpoint's)")
+    ap.add_argument("--eval-windows", type=int, default=256, help="validation windows per evaluation (default 256)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration batches (default 0)")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    a = ap.parse_args(argv)
+    t_start = time.time()
+    try:
+        return run(a, t_start)
+    except (PalettizeError, CheckpointError, ValueError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def run(a, t_start) -> dict:
+    from data import DataError, evaluate, load_splits
+
+    if a.bits is not None and a.bpw is not None:
+        raise PalettizeError("give --bits or --bpw, not both")
+    if a.bits is not None and a.bits not in BITS:
+        raise PalettizeError(f"--bits {a.bits}: unsupported (choose from {', '.join(map(str, BITS))})")
+    if a.bits is None and a.bpw is None:
+        a.bpw = 3.7
+    if a.group_size < 1:
+        raise PalettizeError(f"--group-size {a.group_size}: must be positive")
+    if a.calib_batches < 1 or a.calib_batch_size < 1 or a.eval_windows < 1:
+        raise PalettizeError("--calib-batches, --calib-batch-size and --eval-windows must be positive")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise PalettizeError(f"--device {device}: CUDA is not available")
+    ckpt_path = a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
+    model, ckpt = load_model(ckpt_path)
+    settings = (ckpt.get("train_state") or {}).get("settings") or {}
+    data_name = a.data or settings.get("data") or "bible"
+    seq_len = a.seq_len or settings.get("seq_len") or model.config.max_seq_len
+    if seq_len > model.config.max_seq_len:
+        raise PalettizeError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+    names = projection_names(model)
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
+    # every check before any work, so that bad input writes nothing
+    for n in names:
+        w = model.get_submodule(n).weight
+        _check_weight(w, a.bits or 4, a.group_size, n)
+        if not bool(torch.isfinite(w).all()):
+            raise PalettizeError(f"{n}: weight contains NaN or Inf")
+    if not bool(torch.isfinite(model.tok_emb.weight).all()):
+        raise PalettizeError("tok_emb: weight contains NaN or Inf")
+    if a.bpw is not None:   # reachable at all?
+        allocate_bits(shapes, {n: 0.0 for n in names}, a.bpw, a.group_size)
+    try:
+        train, val = load_splits(data_name, seq_len)
+    except DataError as e:
+        raise PalettizeError(str(e)) from None
+    model.to(device).eval()
+    print(f"{ckpt_path}: {model.config.name}, {len(names)} projections, "
+          f"{sum(a_ * b_ for a_, b_ in shapes.values()):,} projection weights; data {data_name}, seq_len {seq_len}")
+
+    bpb_float = evaluate(model, val, seq_len, batch_size=16, max_windows=a.eval_windows, device=device)["bpb"]
+    print(f"val bpb float: {bpb_float:.4f}")
+    batches = None
+    importance = None
+    if a.sensitivity or a.bpw is not None:
+        batches = calibration_batches(train, a.calib_batches, a.calib_batch_size, seq_len, a.seed, device)
+    if a.sensitivity:
+        t = time.time()
+        importance = fisher_information(model, batches, names)
+        print(f"Fisher information from {a.calib_batches} x {a.calib_batch_size} sequences: {time.time() - t:.1f} s")
+    rise = None
+    if a.bpw is not None:
+        t = time.time()
+        if a.alloc == "loss":
+            rise = loss_rise_at(model, names, batches, 2, a.group_size, importance, progress=True)
+        else:
+            fisher = importance if importance is not None else fisher_information(model, batches, names)
+            s2 = fisher_score(model, names, fisher, 2, a.group_size, a.sensitivity)
+            s4 = fisher_score(model, names, fisher, 4, a.group_size, a.sensitivity)
+            rise = {n: s2[n] - s4[n] for n in names}
+        bits = allocate_bits(shapes, rise, a.bpw, a.group_size)
+        print(f"bit allocation ({a.alloc}): {time.time() - t:.1f} s")
+    else:
+        bits = {n: a.bits for n in names}
+    bpw = bits_per_weight(shapes, bits, a.group_size)
+
+    t = time.time()
+    report = palettize_model(model, bits, a.group_size, importance, progress=True)
+    t_pal = time.time() - t
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    bpb_pal = evaluate(model, val, seq_len, batch_size=16, max_windows=a.eval_windows, device=device)["bpb"]
+    stored = stored_tensors(model)
+    model_bytes = stored_bytes(stored)
+    float_bytes = 2 * sum(p.numel() for p in Transformer(model.config).to("meta").parameters())
+
+    width = max(len(n) for n in names)
+    print(f"{'layer':<{width}}  bits  {'mse':>10}  {'rel_mse':>8}" + (f"  2-bit cost ({a.alloc})" if rise else ""))
+    for r in report:
+        print(f"{r['name']:<{width}}  {r['bits']:>4}  {r['mse']:>10.3e}  {r['rel_mse']:>8.4f}"
+              + (f"  {rise[r['name']]:+.4f}" if rise else ""))
+    rel = (bpb_pal - bpb_float) / bpb_float
+    print(f"bits per weight {bpw:.3f} ({sum(b == 2 for b in bits.values())} of {len(bits)} layers 2-bit), "
+          f"embedding 8-bit; model {model_bytes:,} bytes vs fp16 {float_bytes:,} ({float_bytes / model_bytes:.2f}x)")
+    print(f"val bpb: float {bpb_float:.4f} -> palettized {bpb_pal:.4f} ({100 * rel:+.2f}%); "
+          f"k-means {t_pal:.1f} s")
+
+    out = {
+        "ckpt": ckpt_path, "config": model.config.name, "data": data_name, "seq_len": seq_len,
+        "group_size": a.group_size, "target_bpw": a.bpw, "uniform_bits": a.bits, "sensitivity": a.sensitivity,
+        "alloc": a.alloc if a.bpw is not None else None, "calib_batches": a.calib_batches, "calib_batch_size": a.calib_batch_size, "eval_windows": a.eval_windows,
+        "bits_per_weight": bpw, "embedding_bits": 8, "model_bytes": model_bytes, "float_bytes": float_bytes,
+        "layers": [dict(r, **({"cost_2bit": rise[r["name"]]} if rise else {})) for r in report],
+        "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_rise": rel,
+        "palettize_seconds": t_pal, "device": device,
+    }
+    out["seconds"] = time.time() - t_start
+    os.makedirs(a.out_dir, exist_ok=True)
+    save_palettized(os.path.join(a.out_dir, "palettized.pt"), model.cpu(), report=out)
+    save_json(os.path.join(a.out_dir, "palettize.json"), out)
+    print(f"wrote {os.path.join(a.out_dir, 'palettized.pt')} and palettize.json in {out['seconds']:.1f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()
