@@ -116,7 +116,7 @@ def bench_afm(args) -> dict:
 
     device = torch.device(args.device)
     cfg = CONFIGS["afm-on-device"]
-    shapes = afm_projection_shapes(cfg)
+    shapes = afm_projection_shapes(cfg)[:7 * args.afm_layers] if args.afm_layers else afm_projection_shapes(cfg)
     n = sum(a * b for _, (a, b) in shapes)
     g = torch.Generator(device=device).manual_seed(0)
     ws = [torch.empty(s, device=device, dtype=torch.bfloat16).normal_(0, 0.02, generator=g) for _, s in shapes]
@@ -132,7 +132,7 @@ def bench_afm(args) -> dict:
            for (lut, idx), w in list(zip(res, ws))[:7]]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"afm-on-device: {len(shapes)} projections, {n / 1e9:.3f}B weights palettized to 4 bits on {name} "
-          f"in {seconds:.3f} s ({n / seconds / 1e9:.2f}B weights/s); MSE of layer 0's projections "
+          f"in {seconds:.3f} s ({n / seconds / 1e9:.3g}B weights/s); MSE of layer 0's projections "
           f"{sum(mse) / len(mse):.3e}")
     return {"device": name, "weights": n, "layers": len(shapes), "seconds": seconds,
             "weights_per_second": n / seconds, "mse_layer0": sum(mse) / len(mse)}
@@ -296,6 +296,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for our side of CPU sections (default 2)")
     ap.add_argument("--out-dir", default="out", help="where bench.json goes (default: out)")
     ap.add_argument("--shapes", default="3072x3072,8192x3072", help="weight shapes of the palettize section")
+    ap.add_argument("--afm-layers", type=int, default=None,
+                    help="afm section: palettize only the first N of the 26 layers (a quick check off the GPU)")
     ap.add_argument("--table", action="store_true",
                     help="print the recipe's results table from OUT_DIR/*.json and write it into README.md")
     args = ap.parse_args(argv)
