@@ -48,9 +48,11 @@ O(groups * R) for the prefix sums, plus the small k-means; see bench.py for ours
 
 Run
 ---
-    python palettize.py                      # out/ckpt.pt -> out/palettized.pt + out/palettize.json (3.7 bpw)
+    python palettize.py                      # out/ckpt.pt -> out/palettized.pt + out/palettize.json
     python palettize.py --bits 4             # uniform 4-bit
-    python palettize.py --bpw 3.7 --sensitivity   # Fisher-weighted k-means (squared gradients)
+    python palettize.py --bpw 3.5 --no-sensitivity   # mixed 2/4-bit at 3.5 bits per weight, plain k-means
+Defaults: --bpw 3.7 (the paper's shipped setting; 2-bit layers chosen by their Fisher-estimated loss rise)
+and --sensitivity (Fisher-weighted k-means), from a few calibration batches of the training text.
 """
 from __future__ import annotations
 
@@ -736,16 +738,18 @@ def main(argv=None) -> dict:
                          "where the model is least sensitive (default 3.7, the paper's shipped setting, when "
                          "--bits is not given)")
     ap.add_argument("--group-size", type=int, default=16, help="output channels sharing one LUT (default 16)")
-    ap.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
                     help="weight the k-means by the diagonal Fisher information (squared gradients of the "
-                         "training loss over the calibration batches)")
+                         "training loss over the calibration batches); on by default (it never hurt in our "
+                         "runs and costs a few calibration passes); --no-sensitivity for plain k-means")
     ap.add_argument("--calib-batches", type=int, default=4,
                     help="calibration batches of the training text, for --sensitivity and the --bpw allocation "
                          "(default 4)")
     ap.add_argument("--calib-batch-size", type=int, default=8, help="sequences per calibration batch (default 8)")
-    ap.add_argument("--alloc", choices=("loss", "fisher"), default="loss",
-                    help="--bpw: what a layer costs at 2 bits: 'loss' = measured rise of the calibration loss with "
-                         "that layer alone at 2 bits (default), 'fisher' = 1/2 sum F (w_hat - w)^2 (no extra passes)")
+    ap.add_argument("--alloc", choices=("fisher", "loss"), default="fisher",
+                    help="--bpw: what moving a layer from 4 to 2 bits costs: 'fisher' = the rise of 1/2 sum F "
+                         "(w_hat - w)^2 (default; no extra passes), 'loss' = measured rise of the calibration "
+                         "loss with that layer alone at 2 bits (one pass over the calibration batches per layer)")
     ap.add_argument("--data", default=None, help="corpus (default: the one the checkpoint was trained on, else bible)")
     ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the checkpoint's)")
     ap.add_argument("--eval-windows", type=int, default=256, help="validation windows per evaluation (default 256)")
@@ -842,7 +846,7 @@ def run(a, t_start) -> dict:
     print(f"{'layer':<{width}}  bits  {'mse':>10}  {'rel_mse':>8}" + (f"  2-bit cost ({a.alloc})" if rise else ""))
     for r in report:
         print(f"{r['name']:<{width}}  {r['bits']:>4}  {r['mse']:>10.3e}  {r['rel_mse']:>8.4f}"
-              + (f"  {rise[r['name']]:+.4f}" if rise else ""))
+              + (f"  {rise[r['name']]:+.3e}" if rise else ""))
     rel = (bpb_pal - bpb_float) / bpb_float
     print(f"bits per weight {bpw:.3f} ({sum(b == 2 for b in bits.values())} of {len(bits)} layers 2-bit), "
           f"embedding 8-bit; model {model_bytes:,} bytes vs fp16 {float_bytes:,} ({float_bytes / model_bytes:.2f}x)")

@@ -376,11 +376,11 @@ def test_script_uniform_bits(corpus, tmp_path):
 
 
 def test_script_mixed_bits_with_sensitivity(corpus, tmp_path):
-    out = run_script(corpus, tmp_path, "--bpw", "3.2", "--sensitivity")
+    out = run_script(corpus, tmp_path, "--bpw", "3.2")
     assert abs(out["bits_per_weight"] - 3.2) <= 0.02
-    assert {r["bits"] for r in out["layers"]} == {2, 4} and out["sensitivity"]
-    out = run_script(corpus, tmp_path / "f", "--bpw", "3.2", "--alloc", "fisher")
-    assert abs(out["bits_per_weight"] - 3.2) <= 0.02
+    assert {r["bits"] for r in out["layers"]} == {2, 4} and out["sensitivity"] and out["alloc"] == "fisher"
+    out = run_script(corpus, tmp_path / "f", "--bpw", "3.2", "--alloc", "loss", "--no-sensitivity")
+    assert abs(out["bits_per_weight"] - 3.2) <= 0.02 and not out["sensitivity"]
 
 
 @pytest.mark.parametrize("flags,message", [
