@@ -88,7 +88,10 @@ def fp16_keys(w16: torch.Tensor) -> torch.Tensor:
     Positive numbers keep their bits; negative ones flip their 15 magnitude bits, so a larger magnitude
     gives a smaller key."""
     b = w16.view(torch.int16)
-    return b ^ ((b >> 15) & 0x7FFF)
+    k = b >> 15                          # -1 for negative numbers, 0 otherwise
+    k &= 0x7FFF
+    k ^= b
+    return k
 
 
 def key_values(kmin: int, kmax: int, device=None) -> torch.Tensor:
@@ -259,8 +262,8 @@ def _init(P, values, k: int, how: str) -> torch.Tensor:
     return torch.cat([cq, cu], 1).sort(1).values
 
 
-def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 40, max_rounds: int | None = None,
-             width: int = 13, polish_iters: int = 40, levels: int = 3, tol: float = 2e-3,
+def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 20, max_rounds: int | None = None,
+             width: int = 13, polish_iters: int = 20, levels: int = 3, tol: float = 2e-3,
              init: str = "mixed", history: list | None = None) -> torch.Tensor:
     """Weighted 1-D k-means of G histograms at once.
 
@@ -378,28 +381,28 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
         R = kmax - kmin + 1
         values = key_values(kmin, kmax, device)                                     # (R,)
         Gs = [ws[j].shape[0] // group_size for j in chunk]
-        counts = torch.empty(sum(Gs), R, dtype=torch.float64, device=device)
+        counts = torch.zeros(sum(Gs) * R, dtype=torch.float64, device=device)
         bins, g0 = [], 0
         for j, G in zip(chunk, Gs):
-            off = torch.arange(G, dtype=torch.int32, device=device)[:, None] * R - kmin
-            bj = (keys[j].view(G, -1).to(torch.int32) + off).view(-1)              # group * R + key - kmin
+            off = torch.arange(g0, g0 + G, dtype=torch.int32, device=device)[:, None] * R - kmin
+            bj = (keys[j].view(G, -1) + off).view(-1)          # int32: chunk group * R + key - kmin
             imp = importances[j]
             if imp is None:
-                h = torch.bincount(bj, minlength=G * R)
+                counts.index_add_(0, bj, torch.ones(1, dtype=torch.float64, device=device).expand(bj.numel()))
             else:   # weighted: scale each group's importance to max 1 (equal importance == unweighted)
                 imp = imp.detach().to(device, torch.float64).view(G, -1)
                 imp = (imp / imp.amax(1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-6)
-                h = torch.bincount(bj, weights=imp.view(-1), minlength=G * R)
-            counts[g0:g0 + G] = h.view(G, R)
+                counts.index_add_(0, bj, imp.view(-1))
             bins.append(bj)
             g0 += G
+        counts = counts.view(g0, R)
         centres = kmeans1d(counts, values, K, **kmeans_args)
         del counts
         lut = _lut_from_centres(centres)                                           # (G_chunk, K) fp16
         table = _index_table(lut, values).view(-1)                                 # (G_chunk * R,)
         g0 = 0
         for j, G, bj in zip(chunk, Gs, bins):
-            idx = table[g0 * R:(g0 + G) * R].index_select(0, bj).view(ws[j].shape)
+            idx = table.index_select(0, bj).view(ws[j].shape)
             out[j] = (lut[g0:g0 + G].contiguous(), idx)
             g0 += G
         if progress:
