@@ -206,11 +206,26 @@ def bench_export(args) -> dict:
     return r
 
 # ----------------------------------------------------------------------------------------------------------
+# Uniform 4-bit and 2-bit palettizations of out/ckpt.pt, to sit beside the 3.7 bpw mix in the results table
+
+def bench_sweep(args) -> dict:
+    import palettize
+
+    rows = []
+    for bits in (4, 2):
+        d = os.path.join(args.out_dir, f"sweep_{bits}bit")
+        r = palettize.main(["--ckpt", os.path.join(args.out_dir, "ckpt.pt"), "--out-dir", d, "--bits", str(bits)])
+        rows.append({"bits": bits, "bits_per_weight": r["bits_per_weight"], "model_bytes": r["model_bytes"],
+                     "val_bpb": r["val_bpb_palettized"], "val_bpb_float": r["val_bpb_float"],
+                     "command": f"python palettize.py --bits {bits} --out-dir {d}"})
+    return {"rows": rows}
+
+# ----------------------------------------------------------------------------------------------------------
 # The recipe's results table, built only from the JSON reports the scripts wrote
 
-RECIPE = ("python train.py && python palettize.py --bpw 3.7 --sensitivity --sweep && python lora.py && "
+RECIPE = ("python train.py && python palettize.py --bpw 3.7 && python lora.py && "
           "python lora.py --task pydoc --init recovery && python lora.py --task pydoc --init zero && "
-          "python export_ane.py && python bench.py --table")
+          "python export_ane.py && python bench.py --only sweep --table")
 MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
 
 
@@ -225,6 +240,7 @@ def _load(out_dir, name):
 def results_table(out_dir: str = "out") -> str:
     """A Markdown table of what each step of the recipe cost and gained, from out/*.json alone."""
     tr, pal = _load(out_dir, "train.json"), _load(out_dir, "palettize.json")
+    sweep = (_load(out_dir, "bench.json") or {}).get("sweep", {}).get("rows", [])
     rec = _load(out_dir, "lora_recovery.json")
     feats = {i: _load(out_dir, f"lora_pydoc_{i}.json") for i in ("recovery", "zero")}
     exp = _load(out_dir, "export.json")
@@ -235,14 +251,14 @@ def results_table(out_dir: str = "out") -> str:
                      f"{tr['seconds']:.0f} s, {tr['tokens_per_second']:,.0f} tok/s | {tr['val_bpb']:.4f} | "
                      f"{mb(pal['float_bytes']) + ' (fp16)' if pal else ''} | `python train.py` |")
     if pal:
-        for row in pal.get("sweep", []):
+        for row in sweep:
             lines.append(f"| palettize | uniform {row['bits']}-bit, {row['bits_per_weight']:.2f} bits/weight | "
                          f"{row['val_bpb']:.4f} ({row['val_bpb'] / pal['val_bpb_float'] - 1:+.2%}) | "
-                         f"{mb(row['model_bytes'])} | `python palettize.py --sweep` |")
+                         f"{mb(row['model_bytes'])} | `{row['command']}` |")
         how = "Fisher-weighted k-means" if pal.get("sensitivity") else "k-means"
         lines.append(f"| palettize | mixed 2/4-bit, {pal['bits_per_weight']:.2f} bits/weight, {how} | "
                      f"{pal['val_bpb_palettized']:.4f} ({pal['val_bpb_palettized'] / pal['val_bpb_float'] - 1:+.2%}) | "
-                     f"{mb(pal['model_bytes'])} | `python palettize.py --bpw 3.7 --sensitivity` |")
+                     f"{mb(pal['model_bytes'])} | `python palettize.py --bpw 3.7` |")
     if rec:
         lines.append(f"| recovery adapter | rank {rec['rank']} LoRA on the {rec['base_bits_per_weight']:.2f}-bit base, "
                      f"{rec['iters']} steps, {rec['seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, "
@@ -284,7 +300,7 @@ def write_table(out_dir: str = "out", readme: str = "README.md") -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 
-SECTIONS = {"palettize": bench_palettize, "train": bench_train, "generate": bench_generate, "export": bench_export,
+SECTIONS = {"palettize": bench_palettize, "sweep": bench_sweep, "train": bench_train, "generate": bench_generate, "export": bench_export,
             "afm": bench_afm}
 
 
@@ -301,7 +317,7 @@ def main(argv=None):
     ap.add_argument("--table", action="store_true",
                     help="print the recipe's results table from OUT_DIR/*.json and write it into README.md")
     args = ap.parse_args(argv)
-    if args.table:
+    if args.table and not args.only:
         write_table(args.out_dir)
         return {}
     try:
@@ -314,7 +330,7 @@ def main(argv=None):
         if bad:
             raise SystemExit(f"error: unknown section {bad[0]!r} (choose from {', '.join(SECTIONS)})")
     else:
-        names = [s for s in SECTIONS if s != "afm" or args.device.startswith("cuda")]
+        names = [s for s in SECTIONS if s != "sweep" and (s != "afm" or args.device.startswith("cuda"))]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
     path = os.path.join(args.out_dir, "bench.json")
@@ -331,6 +347,8 @@ def main(argv=None):
                       f"{os.cpu_count()} cpus", command="python bench.py " + " ".join(argv or []))
         report[name] = result
         save_json(path, report)
+    if args.table:
+        write_table(args.out_dir)
     return report
 
 
