@@ -270,9 +270,11 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
     counts: (G, R) non-negative weights of the R sorted `values` (R,), float64 (any table of sorted values:
     all fp16 keys of a range, or `torch.unique` of a sample). Returns sorted centres (G, k), float64.
     `history`, if a list, receives the objective (G,) (weighted squared error) after every step; it never
-    increases. Steps: quantile init -> Lloyd -> rounds of (band DP refinement -> Lloyd) while a round lowers
-    the total error by more than `tol` (relative), at most `max_rounds` (default 8 for k <= 64; 1 above, where
-    each round costs k sequential DP steps and the clusters are narrow)."""
+    increases. Steps: `init` ("mixed": half quantiles, half evenly spaced) -> over-relaxed Lloyd (at most
+    `lloyd_iters` steps) -> rounds of (band DP refinement with `width` candidates of each kind and `levels` zoom
+    levels -> Lloyd, at most `polish_iters`) while a round lowers the total error by more than `tol`
+    (relative), at most `max_rounds` (default 8 for k <= 64; 1 above, where each round costs k sequential DP
+    steps and the clusters are narrow)."""
     # Every tensor here is (groups, k)-sized or a gather from the prefix sums: on a CPU a thread pool only
     # adds synchronisation (and stalls badly when other processes share the cores), so use one thread.
     threads = torch.get_num_threads()
