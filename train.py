@@ -37,7 +37,7 @@ from model import (CONFIGS, CheckpointError, Transformer, config_from_dict, coun
 H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of one H200 (same tensor cores as the H100 SXM), for MFU
 
 # Settings that define a run. A resumed run takes them from its checkpoint; only --iters may change.
-DEFAULTS = dict(config="tiny", data="bible", iters=2000, seed=1337, batch_size=32, seq_len=None, lr=2e-3,
+DEFAULTS = dict(config="tiny", data="bible", iters=1000, seed=1337, batch_size=16, seq_len=None, lr=2e-3,
                 warmup=100, min_lr=0.005, weight_decay=3.16e-4, grad_accum=1, teacher=None, eval_every=None)
 CHANGEABLE = ("iters", "eval_every")   # the settings a resumed run may change
 
