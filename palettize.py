@@ -112,6 +112,18 @@ def _ordinals(x16: torch.Tensor) -> torch.Tensor:
     return s + (s < 0).to(torch.int32)
 
 
+def _locate(values: torch.Tensor, x: torch.Tensor, kmin: int | None = None) -> torch.Tensor:
+    """Position of the first entry of the sorted table `values` that is >= x (torch.searchsorted). When the
+    table is every fp16 key from kmin up, arithmetic finds it without a search: round x to fp16, take its
+    key, step up one if the rounded value is below x."""
+    if kmin is None:
+        return torch.searchsorted(values, x.contiguous())
+    h = x.to(torch.float16)
+    k = fp16_keys(h).to(torch.int64) + (h.double() < x).long()
+    k = torch.where(h == 0, torch.where(x <= 0, -1, k), k)         # -0 (key -1) comes first among the zeros
+    return (k - kmin).clamp(0, values.numel())
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 1-D k-means on histograms
 
@@ -145,10 +157,10 @@ def _edges(b: torch.Tensor, R: int) -> torch.Tensor:
     return torch.cat([b.new_zeros(G, 1), b, b.new_full((G, 1), R)], 1)
 
 
-def _boundaries(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def _boundaries(values: torch.Tensor, c: torch.Tensor, kmin: int | None = None) -> torch.Tensor:
     """Sorted centres (G, k) -> inner boundaries (G, k-1): each value goes to its nearest centre
     (a value exactly at a midpoint goes up)."""
-    return torch.searchsorted(values, ((c[:, 1:] + c[:, :-1]) * 0.5).contiguous())
+    return _locate(values, (c[:, 1:] + c[:, :-1]) * 0.5, kmin)
 
 
 def _means(P, values: torch.Tensor, b: torch.Tensor, old: torch.Tensor | None = None):
@@ -161,18 +173,18 @@ def _means(P, values: torch.Tensor, b: torch.Tensor, old: torch.Tensor | None = 
     return torch.where(n[0] > 0, n[1] / n[0].clamp_min(1e-300), old), _sse(n).sum(1)
 
 
-def _lloyd(P, values, c, max_iters: int, history: list | None):
+def _lloyd(P, values, c, max_iters: int, history: list | None, kmin: int | None = None):
     """Lloyd's iteration, over-relaxed: each step also tries going omega times as far as plain Lloyd
     (c + omega * (lloyd(c) - c), then a Lloyd step from there) and keeps whichever ends with less error,
     doubling omega after a success (at most 16) and resetting it to 2 after a failure. Plain Lloyd creeps
     towards its fixed point (~250 steps on N(0, 1) samples at k = 16); this gets there in ~60. Each group
     keeps the better of two Lloyd results, so the error still never increases. Stops when no group changes."""
-    c, obj = _means(P, values, _boundaries(values, c), c)
+    c, obj = _means(P, values, _boundaries(values, c, kmin), c)
     omega = c.new_full((c.shape[0], 1), 2.0)
     for _ in range(max_iters):
-        c1, obj1 = _means(P, values, _boundaries(values, c), c)
+        c1, obj1 = _means(P, values, _boundaries(values, c, kmin), c)
         c2 = (c + omega * (c1 - c)).sort(1).values
-        c2, obj2 = _means(P, values, _boundaries(values, c2), c2)
+        c2, obj2 = _means(P, values, _boundaries(values, c2, kmin), c2)
         ok = obj2 < obj1
         c = torch.where(ok[:, None], c2, c1)
         new = torch.where(ok, obj2, obj1)
@@ -209,7 +221,8 @@ def _band_dp(P, cand: torch.Tensor):
     return cand.gather(2, pick[..., None])[..., 0], pick, obj
 
 
-def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: list | None, levels: int = 64):
+def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: list | None, levels: int = 64,
+                 kmin: int | None = None):
     """Large-neighbourhood search: every boundary may move anywhere between its neighbours; the DP picks the
     best joint move among `width` candidates per boundary spread evenly in value (they reach into sparse
     tails), `width` spread evenly in cumulative count (they resolve dense regions), and the current position.
@@ -225,7 +238,7 @@ def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: 
     obj = None
     for _ in range(levels):
         v0, v1 = vals[lo], vals[hi]
-        by_value = torch.searchsorted(values, (v0[..., None] + (v1 - v0)[..., None] * u).contiguous())
+        by_value = _locate(values, v0[..., None] + (v1 - v0)[..., None] * u, kmin)
         c0, c1 = P[0].gather(1, lo), P[0].gather(1, hi)
         target = (c0[..., None] + (c1 - c0)[..., None] * u).reshape(G, -1)
         by_count = torch.searchsorted(P[0], target).view(G, K1, width)
@@ -264,11 +277,12 @@ def _init(P, values, k: int, how: str) -> torch.Tensor:
 
 def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 20, max_rounds: int | None = None,
              width: int = 13, polish_iters: int = 20, levels: int = 3, tol: float = 2e-3,
-             init: str = "mixed", history: list | None = None) -> torch.Tensor:
+             init: str = "mixed", kmin: int | None = None, history: list | None = None) -> torch.Tensor:
     """Weighted 1-D k-means of G histograms at once.
 
     counts: (G, R) non-negative weights of the R sorted `values` (R,), float64 (any table of sorted values:
-    all fp16 keys of a range, or `torch.unique` of a sample). Returns sorted centres (G, k), float64.
+    all fp16 keys of a range, or `torch.unique` of a sample; pass `kmin` when it is `key_values(kmin, ...)`,
+    which replaces binary searches by arithmetic). Returns sorted centres (G, k), float64.
     `history`, if a list, receives the objective (G,) (weighted squared error) after every step; it never
     increases. Steps: `init` ("mixed": half quantiles, half evenly spaced) -> over-relaxed Lloyd (at most
     `lloyd_iters` steps) -> rounds of (band DP refinement with `width` candidates of each kind and `levels` zoom
@@ -285,14 +299,14 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
         G, R = counts.shape
         P = _prefix(counts, values)
         c = _init(P, values, k, init)
-        c = _lloyd(P, values, c, lloyd_iters, history)
-        total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
+        c = _lloyd(P, values, c, lloyd_iters, history, kmin)
+        total = _means(P, values, _boundaries(values, c, kmin), c)[1].sum().item()
         if max_rounds is None:
             max_rounds = 8 if k <= 64 else 1
         for _ in range(max_rounds if k > 1 else 0):
-            b, _ = _band_refine(P, values, _boundaries(values, c), width, history, levels)
-            c = _lloyd(P, values, _means(P, values, b)[0], polish_iters, history)
-            new_total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
+            b, _ = _band_refine(P, values, _boundaries(values, c, kmin), width, history, levels, kmin)
+            c = _lloyd(P, values, _means(P, values, b)[0], polish_iters, history, kmin)
+            new_total = _means(P, values, _boundaries(values, c, kmin), c)[1].sum().item()
             if not new_total < total * (1 - tol):
                 break
             total = new_total
@@ -332,12 +346,12 @@ def _lut_from_centres(c: torch.Tensor) -> torch.Tensor:
     return _fp16_from_ordinals(o)
 
 
-def _index_table(lut: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def _index_table(lut: torch.Tensor, values: torch.Tensor, kmin: int | None = None) -> torch.Tensor:
     """(G, R) uint8: index of the nearest LUT entry for every value of the table (ties go up)."""
     G, K = lut.shape
     R = values.numel()
     l = lut.double()
-    b = torch.searchsorted(values, ((l[:, 1:] + l[:, :-1]) * 0.5).contiguous())   # (G, K-1) in [0, R]
+    b = _locate(values, (l[:, 1:] + l[:, :-1]) * 0.5, kmin)                       # (G, K-1) in [0, R]
     t = torch.zeros(G, R + 1, dtype=torch.int32, device=lut.device)
     t.scatter_add_(1, b, torch.ones_like(b, dtype=torch.int32))
     return t[:, :R].cumsum(1, dtype=torch.int32).to(torch.uint8)
@@ -398,10 +412,10 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
             bins.append(bj)
             g0 += G
         counts = counts.view(g0, R)
-        centres = kmeans1d(counts, values, K, **kmeans_args)
+        centres = kmeans1d(counts, values, K, kmin=kmin, **kmeans_args)
         del counts
         lut = _lut_from_centres(centres)                                           # (G_chunk, K) fp16
-        table = _index_table(lut, values).view(-1)                                 # (G_chunk * R,)
+        table = _index_table(lut, values, kmin).view(-1)                                 # (G_chunk * R,)
         g0 = 0
         for j, G, bj in zip(chunk, Gs, bins):
             idx = table.index_select(0, bj).view(ws[j].shape)
