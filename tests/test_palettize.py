@@ -59,6 +59,30 @@ def group_sse(w, lut, idx, gs=16):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# fp16 keys
+
+def test_fp16_keys_are_order_preserving():
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    x = bits.view(torch.float16)
+    x = x[torch.isfinite(x)]
+    keys = P.fp16_keys(x).to(torch.int32)
+    order = keys.argsort()
+    assert (x[order][1:].float() >= x[order][:-1].float()).all()        # sorting keys sorts values
+    assert keys.min() >= P.FINITE_KEYS[0] and keys.max() <= P.FINITE_KEYS[1]
+    assert torch.equal(P.key_values(*P.FINITE_KEYS), x[order].double())
+
+
+def test_locate_by_arithmetic_matches_binary_search():
+    g = torch.Generator().manual_seed(0)
+    for kmin, kmax in [(-20000, 20000), (-5, 5), (0, 100), P.FINITE_KEYS, (-100, -2)]:
+        v = P.key_values(kmin, kmax)
+        lo, hi = v[0].item(), v[-1].item()
+        x = torch.cat([torch.rand(3000, generator=g, dtype=torch.float64) * (hi - lo) + lo, v, (v[1:] + v[:-1]) / 2,
+                       torch.tensor([0.0, -0.0, 1e-300, -1e-300], dtype=torch.float64)])
+        assert torch.equal(P._locate(v, x, kmin), torch.searchsorted(v, x))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # LUT and index invariants
 
 CASES = [(bits, kind, seed) for seed, (bits, kind) in enumerate(itertools.product(P.BITS, range(5)))]
