@@ -374,6 +374,7 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
     device = ws[0].device
     if max_bins is None:   # each histogram bin costs ~48 bytes (counts, 3 prefix sums, temporaries, index table)
         max_bins = int(0.4 * torch.cuda.mem_get_info(device)[0] / 48) if device.type == "cuda" else 2 ** 24
+    max_bins = min(max_bins, 2 ** 31 - 2 ** 24)            # bin numbers are int32
     keys = [fp16_keys(w.detach().to(torch.float16)) for w in ws]                 # (out, in) int16
     lim = torch.stack([torch.stack(torch.aminmax(k)) for k in keys]).int().tolist()  # one sync
     for (lo, hi), name, w in zip(lim, names, ws):
