@@ -134,7 +134,7 @@ def bench_afm(args) -> dict:
     print(f"afm-on-device: {len(shapes)} projections, {n / 1e9:.3f}B weights palettized to 4 bits on {name} "
           f"in {seconds:.3f} s ({n / seconds / 1e9:.3g}B weights/s); MSE of layer 0's projections "
           f"{sum(mse) / len(mse):.3e}")
-    return {"device": name, "weights": n, "layers": len(shapes), "seconds": seconds,
+    return {"device": name, "weights": n, "layers": len(shapes), "afm_layers": len(shapes) // 7, "seconds": seconds,
             "weights_per_second": n / seconds, "mse_layer0": sum(mse) / len(mse)}
 
 
