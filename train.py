@@ -2,10 +2,10 @@
 train.py -- pre-train the AFM-style decoder (model.py) on byte-level text (data.py).
 
 Follows the pre-training recipe of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
-(arXiv 2407.21075), scaled down: AdamW with decoupled weight decay (the paper's 3.16e-4), a linear warm-up then
-cosine decay of the learning rate (the paper decays to 0.005x the peak), gradient clipping, fp32 weights with
-bf16 compute on the GPU, and optional distillation from a teacher whose top-1 prediction gets weight 0.9 in
-the target (as the paper does for AFM-on-device).
+(arXiv 2407.21075), scaled down: AdamW with decoupled weight decay, a linear
+warm-up then cosine decay of the learning rate (the paper decays to 0.005x the peak), gradient clipping,
+fp32 weights with bf16 compute on the GPU, and optional distillation from a teacher whose top-1 prediction
+gets weight 0.9 in the target (as the paper does for AFM-on-device).
 
     python train.py                                  # `tiny` on the World English Bible, 2 CPU cores, minutes
     python train.py --iters 200 --out-dir out_quick  # a quick look
@@ -46,7 +46,7 @@ from model import (CONFIGS, CheckpointError, Transformer, config_from_dict, coun
 
 H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of one H200 (same tensor cores as the H100 SXM), for MFU
 
-# Settings that define a run. A resumed run takes them from its checkpoint.
+# Settings that define a run. A resumed run takes them from its checkpoint; only --iters may change.
 DEFAULTS = dict(config="tiny", data="bible", iters=1000, seed=1337, batch_size=16, seq_len=None, lr=1e-3,
                 warmup=50, min_lr=0.005, weight_decay=3.16e-4, grad_accum=1, teacher=None, eval_every=None)
 CHANGEABLE = ("iters", "eval_every")   # the settings a resumed run may change
@@ -171,9 +171,8 @@ def make_optimizer(model: Transformer, s: dict, device: torch.device) -> torch.o
     # not erode rarely seen bytes the way it would in an untied input-only embedding.
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    # We read the paper's "decoupled weight decay of 3.16e-4" as decay decoupled from the peak LR (Loshchilov &
-    # Hutter; Wortsman et al. 2023): each step shrinks a weight by wd x (lr / peak lr). torch's AdamW shrinks by
-    # lr x weight_decay, so weight_decay = wd / peak lr gives exactly that, whatever --lr is.
+    # AFM's "decoupled" weight decay shrinks weights by wd x (lr / peak lr) per step, independent of the peak LR;
+    # torch's AdamW shrinks by lr x weight_decay, so weight_decay = wd / peak lr gives exactly that.
     groups = [{"params": decay, "weight_decay": s["weight_decay"] / s["lr"]},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel for the whole update (CUDA and CPU) instead of a Python loop over tensors
