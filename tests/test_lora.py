@@ -287,6 +287,23 @@ def test_recovery_run_lowers_validation_loss(workdir):
     assert rep["rank"] == 4 and rep["adapter_bytes"] == os.path.getsize(workdir / "adapter_recovery.pt")
     base, _ = load_palettized(str(workdir / "palettized.pt"))
     load_adapter(str(workdir / "adapter_recovery.pt"), base)  # fits the base it was trained on
+    # The default loss is ce, so the float control ran: the matched gap is measured against it.
+    assert rep["loss"] == "ce" and rep["val_bpb_float_adapted"] is not None
+    gap = rep["val_bpb_palettized"] - rep["val_bpb_float"]
+    assert rep["gap_closed_matched"] == pytest.approx(1 - (rep["val_bpb_recovered"] - rep["val_bpb_float_adapted"]) / gap)
+
+
+@pytest.mark.parametrize("flags", [("--loss", "kl"), ("--no-control",)])
+def test_recovery_control(workdir, flags):
+    """With kl the float model is its own teacher and cannot move, so the matched gap equals the plain one;
+    --no-control skips the control and says so with nulls."""
+    run(workdir, "--iters", "4", "--lr", "1e-2", "--rank", "4", *flags)
+    rep = json.loads((workdir / "lora_recovery.json").read_text())
+    if flags[0] == "--loss":
+        assert rep["val_bpb_float_adapted"] == rep["val_bpb_float"]
+        assert rep["gap_closed_matched"] == pytest.approx(rep["gap_closed"])
+    else:
+        assert rep["val_bpb_float_adapted"] is None and rep["gap_closed_matched"] is None
 
 
 def test_feature_adapter_script(workdir):
