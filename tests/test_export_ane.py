@@ -193,6 +193,11 @@ def test_sizes(exported):
     # the adapter's blobs add about its own fp16 bytes (headers/alignment aside), not another copy of the base
     assert ad["added_weight_bytes"] <= 1.1 * ad["fp16_bytes"]
     assert r["package_bytes"] == r["weight_bytes"] + r["program_bytes"] + r["other_bytes"]
+    # the floor (weight file + weight-declaring ops) lies between the ideal and the package, and so does an
+    # adapter's: its blobs plus its functions' declarations, at most everything its functions add
+    assert r["ideal_bytes"] < r["floor_bytes"] < r["package_bytes"]
+    assert r["weight_declaration_bytes"] < r["program_bytes"]
+    assert ad["fp16_bytes"] < ad["added_floor_bytes"] < ad["added_bytes"]
 
 
 # ----------------------------------------------------------------------------------------------------------
