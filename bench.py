@@ -269,9 +269,11 @@ def results_table(out_dir: str = "out") -> str:
                      f"closes {rec['gap_closed']:.0%} of the gap{matched} | +{mb(rec['adapter_bytes'])} | "
                      f"`python lora.py` |")
     if exp:
+        floor = f", floor {exp['floor_over_ideal']:.2f}x" if exp.get("floor_over_ideal") else ""
         lines.append(f"| export | Core ML package ({', '.join(exp['functions'])}) | max logit diff "
                      f"{exp['max_abs_logit_diff']:.3f}, argmax agreement {exp['argmax_agreement']:.1%} | "
-                     f"{mb(exp['package_bytes'])} (ideal {mb(exp['ideal_bytes'])}) | `python export_ane.py` |")
+                     f"{mb(exp['package_bytes'])} (ideal {mb(exp['ideal_bytes'])}{floor}; fp16 model "
+                     f"{mb(pal['float_bytes']) if pal else '?'} without adapters) | `python export_ane.py` |")
     out = "\n".join(lines)
     if all(feats.values()):
         steps = sorted(set(feats["recovery"]["val_bpb_by_step"]) & set(feats["zero"]["val_bpb_by_step"]), key=int)
