@@ -29,6 +29,9 @@ Run:
                                                       #   -> out/adapter_pydoc_zero.pt, out/lora_pydoc_zero.json
     python lora.py --eval --adapter none              # validation bpb of the bare palettized base
     python lora.py --eval --adapter out/adapter_pydoc.pt --data pydoc
+
+Ctrl-C during training ends it early without losing it: the adapter trained so far is evaluated and saved, and
+the report says how many steps it had (`iters_done`, `interrupted`).
 """
 from __future__ import annotations
 
@@ -266,9 +269,12 @@ def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
 
 
 def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int, seq_len: int, seed: int,
-                   device="cpu", teacher=None, loss: str = "ce", callback=None, progress: bool = True) -> list[float]:
-    """AdamW on the adapter tensors only; returns the training loss of every step. `callback(step)` runs
-    before step 0 and after every step (for evaluations at chosen step counts)."""
+                   device="cpu", teacher=None, loss: str = "ce", callback=None, progress: bool = True,
+                   stop_at: int | None = None) -> list[float]:
+    """AdamW on the adapter tensors only; returns the training loss of every step taken. `callback(step)` runs
+    before step 0 and after every step (for evaluations at chosen step counts). Ctrl-C (or reaching `stop_at`,
+    the same thing for tests) ends training early and keeps what was learned: the caller evaluates and saves
+    the adapter after len(losses) steps."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterError("nothing to train: attach adapters first")
@@ -282,22 +288,28 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     if callback:
         callback(0)
     bar = tqdm(range(iters), desc=f"lora ({loss})", disable=not progress, dynamic_ncols=True)
-    for it in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it, iters, lr, warmup)
-        x, y = get_batch(train_data, batch_size, seq_len, gen, device)      # (B, T), (B, T)
-        t_logits = None
-        if loss != "ce":
-            with torch.no_grad():
-                t_logits = teacher(x)                                        # (B, T, V)
-        l = adapter_loss(model(x), y, t_logits, loss)
-        opt.zero_grad(set_to_none=True)
-        l.backward()
-        opt.step()
-        losses.append(l.item())
-        bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        if callback:
-            callback(it + 1)
+    try:
+        for it in bar:
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it, iters, lr, warmup)
+            x, y = get_batch(train_data, batch_size, seq_len, gen, device)  # (B, T), (B, T)
+            t_logits = None
+            if loss != "ce":
+                with torch.no_grad():
+                    t_logits = teacher(x)                                    # (B, T, V)
+            l = adapter_loss(model(x), y, t_logits, loss)
+            opt.zero_grad(set_to_none=True)
+            l.backward()
+            opt.step()
+            losses.append(l.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if callback:
+                callback(it + 1)
+            if stop_at is not None and it + 1 >= stop_at:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        bar.close()
+        tqdm.write(f"interrupted after {len(losses)} of {iters} steps: keeping the adapter trained so far")
     model.eval()
     return losses
 
@@ -359,11 +371,13 @@ def parse_args(argv=None):
     ap.add_argument("--eval-windows", type=int, default=256, help="validation windows per evaluation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda if available)")
+    ap.add_argument("--stop-at", type=int, default=None,
+                    help="stop after this step as if interrupted (Ctrl-C): the adapter so far is evaluated and saved")
     return ap.parse_args(argv)
 
 
 def check_args(a):
-    for flag in ("rank", "iters", "batch_size", "seq_len", "eval_windows"):
+    for flag in ("rank", "iters", "batch_size", "seq_len", "eval_windows", "stop_at"):
         v = getattr(a, flag)
         if v is not None and v <= 0:
             raise AdapterError(f"--{flag.replace('_', '-')} must be positive, got {v}")
@@ -422,14 +436,17 @@ def run_recovery(a, base, t0):
           f"{total:,} parameters ({100 * trainable / total:.2f}%)")
     t_train = time.time()
     losses = train_adapters(base, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                            seed=a.seed, device=a.device, teacher=teacher, loss=a.loss)
+                            seed=a.seed, device=a.device, teacher=teacher, loss=a.loss, stop_at=a.stop_at)
     t_train = time.time() - t_train
+    done = len(losses)
     bpb_rec = evaluate_bpb(base, val, a)
     gap = bpb_pal - bpb_float
     closed = (bpb_pal - bpb_rec) / gap if gap > 0 else None
     bpb_ctrl = closed_matched = None
     if a.loss == "kl":
         bpb_ctrl = bpb_float          # KL(float || float) = 0: the float model would not move
+    elif done < a.iters:
+        print("control skipped: the run was interrupted")
     elif a.control:
         # The control: the same adapter, loss, steps and seed on the float model (a frozen copy stays teacher).
         print("control: training the same adapter on the float model ...")
@@ -444,13 +461,14 @@ def run_recovery(a, base, t0):
         closed_matched = 1.0 - (bpb_rec - bpb_ctrl) / gap
     seconds = time.time() - t0
     adapter_path = os.path.join(a.out_dir, "adapter_recovery.pt")
-    save_adapter(adapter_path, base, "recovery", loss=a.loss, val_bpb=bpb_rec)
+    save_adapter(adapter_path, base, "recovery", loss=a.loss, val_bpb=bpb_rec, steps=done)
     report = {
         "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_recovered": bpb_rec,
         "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl, "gap_closed_matched": closed_matched,
         "base_bits_per_weight": bits_per_weight(base), "rank": rank, "alpha": alpha,
         "targets": a.targets, "trainable_params": trainable, "total_params": total,
-        "adapter_bytes": os.path.getsize(adapter_path), "iters": a.iters, "seconds": seconds,
+        "adapter_bytes": os.path.getsize(adapter_path), "iters": a.iters, "iters_done": done,
+        "interrupted": done < a.iters, "seconds": seconds,
         "train_seconds": t_train, "loss": a.loss, "lr": a.lr, "batch_size": a.batch_size, "seq_len": a.seq_len,
         "seed": a.seed, "data": a.data, "final_train_loss": losses[-1] if losses else None,
         "base": a.base, "teacher": a.teacher, "device": a.device,
@@ -497,20 +515,25 @@ def run_feature(a, base, t0):
 
     bpb_orig_start = evaluate_bpb(base, orig_val, a)
     t_train = time.time()
-    train_adapters(base, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-                   device=a.device, loss="ce", callback=at_step)
+    done = len(train_adapters(base, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
+                              seed=a.seed, device=a.device, loss="ce", callback=at_step, stop_at=a.stop_at))
     t_train = time.time() - t_train
+    if done not in curve:                                            # interrupted between two evaluations
+        steps.append(done)
+        curve[done] = evaluate_bpb(base, val, a)
+    steps = sorted(s for s in steps if s in curve)
     bpb_orig_end = evaluate_bpb(base, orig_val, a)
     suffix = "" if a.init == "recovery" else "_zero"
     adapter_path = os.path.join(a.out_dir, f"adapter_{a.task}{suffix}.pt")
-    save_adapter(adapter_path, base, a.task, init=a.init, val_bpb=curve[a.iters])
+    save_adapter(adapter_path, base, a.task, init=a.init, val_bpb=curve[done], steps=done)
     report = {
         "task": a.task, "data": a.data, "init": a.init, "init_adapter": a.adapter if a.init == "recovery" else None,
         "val_bpb_by_step": {str(s): curve[s] for s in steps},
         "bible_val_bpb_start": bpb_orig_start, "bible_val_bpb_end": bpb_orig_end,
         "bible_forgetting": bpb_orig_end - bpb_orig_start,
         "rank": cfg["rank"], "alpha": cfg["alpha"], "trainable_params": trainable,
-        "adapter_bytes": os.path.getsize(adapter_path), "iters": a.iters, "lr": a.lr, "batch_size": a.batch_size,
+        "adapter_bytes": os.path.getsize(adapter_path), "iters": a.iters, "iters_done": done,
+        "interrupted": done < a.iters, "lr": a.lr, "batch_size": a.batch_size,
         "seq_len": a.seq_len, "seed": a.seed, "seconds": time.time() - t0, "train_seconds": t_train,
         "base": a.base, "device": a.device,
     }

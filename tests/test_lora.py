@@ -352,3 +352,35 @@ def test_eval_mode(workdir, capsys):
     run(workdir, "--eval", "--adapter", str(workdir / "adapter_recovery.pt"))
     with_adapter = capsys.readouterr().out
     assert "val bpb" in bare and "val bpb" in with_adapter and bare != with_adapter
+
+
+@pytest.mark.parametrize("task", ["recovery", "feat"])
+def test_interrupted_run_keeps_its_adapter(workdir, task):
+    """--stop-at N behaves like Ctrl-C after step N: the adapter trained so far is evaluated, saved and usable."""
+    extra = ["--task", task, "--init", "zero", "--rank", "4"] if task == "feat" else ["--rank", "4"]
+    run(workdir, "--iters", "30", "--lr", "1e-2", "--stop-at", "3", *extra)
+    rep = json.loads((workdir / ("lora_recovery.json" if task == "recovery" else "lora_feat_zero.json")).read_text())
+    assert rep["iters_done"] == 3 and rep["interrupted"] and rep["iters"] == 30
+    if task == "recovery":
+        assert rep["val_bpb_float_adapted"] is None          # the control is skipped after an interrupt
+    else:
+        assert list(rep["val_bpb_by_step"]) == ["0", "3"]
+    base, _ = load_palettized(str(workdir / "palettized.pt"))
+    ck = load_adapter(str(workdir / ("adapter_recovery.pt" if task == "recovery" else "adapter_feat_zero.pt")), base)
+    assert ck["steps"] == 3
+
+
+def test_train_adapters_stops_on_keyboard_interrupt():
+    """A Ctrl-C in the middle of training returns the steps taken instead of losing them."""
+    model = palettized_model(0)
+    add_adapters(model, 4, 8.0)
+    data = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0))
+
+    def interrupt(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    losses = train_adapters(model, data, iters=20, lr=1e-2, batch_size=2, seq_len=16, seed=0, callback=interrupt,
+                            progress=False)
+    assert len(losses) == 5
+    assert any(m.lora_B.abs().sum() > 0 for m in adapters(model).values())
