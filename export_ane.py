@@ -15,7 +15,8 @@ What it writes (one multifunction .mlpackage, coremltools 9, mlprogram, iOS18, f
   * `decode(token (1, 1) int32, pos (1,) int32, length <= pos < context)` -> logits (1, 1, V) of that token;
     writes position `pos`. A generation loop: prefill(prompt, n), then decode(next, n), decode(next, n+1), ...
   * `prefill_<name>` / `decode_<name>` per adapter: the same program plus the unmerged LoRA branches, so the base
-    constants are stored once in the package and each adapter costs about its own fp16 bytes.
+    constants are stored once in the package; an adapter's weights add about their own fp16 bytes, and its two
+    functions' op lists come on top (export.json breaks the bytes down and gives the floor).
   Every palettized projection weight is one `constexpr_lut_to_dense` holding exactly palettize.py's LUT and
   indices (no re-clustering by coremltools); the embedding is one int8 `constexpr_blockwise_shift_scale` shared
   by the token lookup and the tied output head.
@@ -781,12 +782,12 @@ def ideal_bytes(ane: AneTransformer, weights: dict, emb: dict) -> int:
     return n + sum(2 * v.numel() for k, v in ane.state_dict().items() if k.endswith("norm.weight"))
 
 
-def function_bytes(path: str, fnames) -> tuple[int, int, int]:
-    """What the functions `fnames` add to the package: (their program and description in the model file,
+def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
+    """What the functions `fnames` of the package at `path` (its model spec already loaded: `spec`) add to it:
+    (their program and description in the model file,
     the weight blobs -- 64-byte header + data, 64-aligned -- that no other function uses, and the part of
     their programs that only declares weights: the constexpr ops and blob-backed consts). The last is a floor:
     every function must declare the weights it reads, however few compute ops it has."""
-    spec = ct.utils.load_spec(path)
     blobs, decl = {}, {}
     for name, f in spec.mlProgram.functions.items():
         offs, decl[name] = set(), 0
@@ -904,9 +905,11 @@ def export(a) -> dict:
         report["other_bytes"] = report["package_bytes"] - report["weight_bytes"] - report["program_bytes"]
         ideal = ideal_bytes(ane, weights, emb)
         report["adapters"] = {}
+        spec = ct.utils.load_spec(pkg_path)                                # parsed once for every count below
         for ad in adapter_list:
             fp16 = sum(2 * (A.numel() + B.numel()) for A, B in ad["tensors"].values())
-            prog_b, blob_b, decl_b = function_bytes(pkg_path, [f"prefill_{ad['name']}", f"decode_{ad['name']}"])
+            prog_b, blob_b, decl_b = function_bytes(spec, pkg_path, [f"prefill_{ad['name']}",
+                                                                        f"decode_{ad['name']}"])
             report["adapters"][ad["name"]] = {
                 "path": ad["path"], "fp16_bytes": fp16, "added_bytes": prog_b + blob_b,
                 "added_over_fp16": round((prog_b + blob_b) / fp16, 4), "added_weight_bytes": blob_b,
@@ -919,7 +922,7 @@ def export(a) -> dict:
         # The smallest package these functions allow: the weight file plus, in every function, the ops that
         # declare its weights (a function cannot read another's). When this floor is above 1.03 x ideal, as on
         # `tiny` with 8 functions, no rewrite of the compute ops can meet that bound.
-        report["weight_declaration_bytes"] = function_bytes(pkg_path, list(paths))[2]
+        report["weight_declaration_bytes"] = function_bytes(spec, pkg_path, list(paths))[2]
         report["floor_bytes"] = report["weight_bytes"] + report["weight_declaration_bytes"]
         report["floor_over_ideal"] = round(report["floor_bytes"] / ideal, 4)
         report["bits"] = {str(b): sum(w["bits"] == b for w in weights.values())

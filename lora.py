@@ -519,9 +519,8 @@ def run_feature(a, base, t0):
                               seed=a.seed, device=a.device, loss="ce", callback=at_step, stop_at=a.stop_at))
     t_train = time.time() - t_train
     if done not in curve:                                            # interrupted between two evaluations
-        steps.append(done)
         curve[done] = evaluate_bpb(base, val, a)
-    steps = sorted(s for s in steps if s in curve)
+    steps = sorted(curve)                                            # the step counts actually evaluated
     bpb_orig_end = evaluate_bpb(base, orig_val, a)
     suffix = "" if a.init == "recovery" else "_zero"
     adapter_path = os.path.join(a.out_dir, f"adapter_{a.task}{suffix}.pt")

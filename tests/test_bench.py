@@ -1,5 +1,6 @@
 """bench.py's results table: built only from the JSON reports, written into the README between its markers."""
 import json
+import random
 
 import pytest
 
@@ -8,7 +9,7 @@ import bench
 
 def write_reports(d, seed):
     """Minimal reports of the shape the scripts write, with seeded random numbers."""
-    rng = __import__("random").Random(seed)
+    rng = random.Random(seed)
     f, p = 1.5 + rng.random(), 1.6 + rng.random()
     rec = p - 0.01 * rng.random()
     reports = {
