@@ -46,6 +46,7 @@ class ModelConfig:
     max_seq_len: int = 256       # longest context (size of the RoPE table and of the KV cache)
     rope_base: float = 500_000.0  # AFM: RoPE base frequency 500k
     norm_eps: float = 1e-5
+    qk_norm: bool = True         # AFM normalises queries and keys; Llama-family models (pretrained.py) do not
 
     def __post_init__(self):
         if self.n_heads % self.n_kv_heads:
@@ -117,8 +118,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         # AFM: query/key normalisation -- an RMSNorm over each head's queries and keys, before RoPE.
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(self, x, cos, sin, cache=None, pos: int = 0):
         B, T, _ = x.shape
