@@ -262,7 +262,10 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{model.config.name}: {n_params:,} parameters, vocabulary {len(tokenizer.tokens):,}")
-    answer = chat_answer(model, tokenizer, args.question, args.max_new_tokens)
+    try:
+        answer = chat_answer(model, tokenizer, args.question, args.max_new_tokens)
+    except ValueError as e:  # the prompt does not fit max_seq_len
+        raise SystemExit(f"error: --question: {e}")
     print(f"Q: {args.question}\nA: {answer}")
     types = [TENSOR_TYPES[t][0] for _, t, _ in gguf["tensors"].values()]
     source = {"gguf": os.path.abspath(path), "bytes": os.path.getsize(path),
