@@ -115,9 +115,9 @@ class BPETokenizer:
         return dict(tokens=self.tokens, merges=self.merges, token_types=self.token_types, pre=self.pre)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BPETokenizer":
+    def from_dict(cls, saved: dict) -> "BPETokenizer":
         """The tokenizer that `to_dict` wrote."""
-        return cls(d["tokens"], d["merges"], d.get("token_types"), d.get("pre", "gpt2"))
+        return cls(saved["tokens"], saved["merges"], saved.get("token_types"), saved.get("pre", "gpt2"))
 
     def piece_ids(self, piece: str) -> list[int]:
         """Token ids of one pre-token: its bytes merged pair by pair, lowest rank (then leftmost) first. Bytes
@@ -145,10 +145,6 @@ class BPETokenizer:
     def decode(self, ids) -> str:
         """Token ids -> str (bytes that are not UTF-8 become U+FFFD)."""
         return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
-
-    def token_byte_lengths(self) -> torch.Tensor:
-        """(vocab,) int64: how many bytes of text each token stands for."""
-        return torch.tensor([len(b) for b in self.token_bytes], dtype=torch.long)
 
 
 def tokenizer_from_checkpoint(ckpt: dict) -> BPETokenizer | None:
@@ -227,7 +223,7 @@ def evaluate(model, data: torch.Tensor, seq_len: int, batch_size: int = 32, max_
     model.eval()
     windows = eval_windows(data, seq_len, max_windows)
     total, count, n_bytes = 0.0, 0, 0
-    byte_lengths = None if tokenizer is None else tokenizer.token_byte_lengths()
+    byte_lengths = None if tokenizer is None else torch.tensor([len(b) for b in tokenizer.token_bytes])
     for i in range(0, len(windows), batch_size):
         w = windows[i:i + batch_size].to(device)
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,

@@ -117,6 +117,8 @@ def gguf_index(path: str) -> dict:
     except struct.error:
         raise GGUFError(f"{path}: truncated GGUF file (the header ends early)") from None
     align = metadata.get("general.alignment", 32)
+    if not isinstance(align, int) or align <= 0:
+        raise GGUFError(f"{path}: general.alignment {align!r} is not a positive integer")
     data_start = -(-pos // align) * align
     for name, (shape, ttype, offset) in tensors.items():
         _, per_block, block_bytes = TENSOR_TYPES.get(ttype, ("", 1, 0))

@@ -95,7 +95,7 @@ def test_special_tokens_are_single_tokens():
     assert ids[1:5] == [2, tok.ids["Ċ"], 1, 1] and pieces(tok, ids[:1]) == ["ab"]
     assert "<|im_end|>" not in pieces(tok, tok.encode("<|im_"))
     assert tok.decode(ids) == "ab<|im_end|>\n<|im_start|><|im_start|>c<|im_"
-    assert tok.token_byte_lengths()[2] == len("<|im_end|>")
+    assert tok.token_bytes[2] == b"<|im_end|>"
 
 
 def test_bytes_that_are_not_utf8_round_trip():
