@@ -329,9 +329,10 @@ def config_from_dict(d: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in d.items() if k in names})
 
 
-def save_model(path: str, model: Transformer, **extra) -> None:
-    """Save a float model: weights + config (+ anything in `extra`, e.g. optimizer state)."""
-    save_checkpoint(path, kind="model", config=asdict(model.config), model=model.state_dict(), **extra)
+def save_model(path: str, model: Transformer, state_dict: dict | None = None, **extra) -> None:
+    """Save a float model: its weights (or `state_dict`, e.g. gathered from shards), its config, and anything in
+    `extra` (optimizer state ...)."""
+    save_checkpoint(path, kind="model", config=asdict(model.config), model=state_dict or model.state_dict(), **extra)
 
 
 def load_model(path: str, map_location="cpu") -> tuple[Transformer, dict]:

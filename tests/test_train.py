@@ -197,3 +197,34 @@ def test_learning_rate_schedule_and_decay_groups():
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() == 2), name                          # matmuls + tied embedding only
     assert opt.param_groups[0]["weight_decay"] * s["lr"] == pytest.approx(3.16e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torchrun: 2 processes on the CPU with gloo (DDP, then FSDP2) give the 1-process loss curve of the same global batch
+
+def torchrun(corpus, out, *extra):
+    """train.py under torchrun with 2 CPU processes; returns its combined output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"),
+           "--data", corpus, "--out-dir", str(out), *FAST, *extra]
+    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_torchrun_matches_one_process_and_resumes(corpus, tmp_path, sharding):
+    steps = ["--iters", "6", "--grad-accum", "2"]
+    one = run(corpus, tmp_path / "one", *steps)
+    log = torchrun(corpus, tmp_path / "two", *steps, *sharding, "--stop-at", "3")
+    assert log.count("stopped at step 3") == 1                        # rank 0 alone reports
+    assert load_model(str(tmp_path / "two" / "ckpt.pt"))[1]["train_state"]["step"] == 3
+    log = torchrun(corpus, tmp_path / "two", "--resume", *sharding, "--iters", "6")
+    assert log.count("wrote ") == 1 and sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "train.json"]
+    import json
+    two = json.load(open(tmp_path / "two" / "train.json"))
+    assert two["world_size"] == 2 and two["fsdp"] == bool(sharding)
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    assert abs(two["val_bpb"] - one["val_bpb"]) < 1e-4
+    model, _ = load_model(str(tmp_path / "two" / "ckpt.pt"))          # a plain checkpoint, whole tensors
+    torch.testing.assert_close(model.state_dict(), load_model(str(tmp_path / "one" / "ckpt.pt"))[0].state_dict(),
+                               rtol=1e-4, atol=1e-5)
