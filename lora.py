@@ -1,37 +1,28 @@
 """
-lora.py -- LoRA written out by hand: accuracy-recovery adapters for the palettized model, and feature adapters
-that start from them.
+lora.py -- LoRA written out by hand: accuracy-recovery adapters on the frozen palettized model, and feature
+adapters that start from them.
 
-Follows section 5 of Gunter et al. 2024 (arXiv 2407.21075), "Apple Intelligence Foundation Language Models":
-  * Adapters (5.1): small LoRA modules on every linear projection of self-attention (q, k, v, o) and of the
-    feed-forward layer (gate, up, down) in every block; the base model stays frozen. Rank 16, 16-bit values.
-    Adapters are swapped at run time on one loaded base.
-  * Accuracy recovery (5.2): after palettization (palettize.py) the quantized model is frozen and LoRA adapters
-    are trained to repair its errors; every feature adapter then starts from that recovery adapter instead of
-    from zero, while the quantized base stays frozen.
+Follows section 5 of Gunter et al. 2024, "Apple Intelligence Foundation Language Models" (arXiv 2407.21075):
+  * Adapters (5.1): rank-16 LoRA modules, 16-bit values, on every projection of self-attention (q, k, v, o) and of
+    the feed-forward layer (gate, up, down) in every block; the base stays frozen, and adapters are swapped at run
+    time on one loaded base.
+  * Accuracy recovery (5.2): the palettized model (palettize.py) is frozen and a LoRA adapter is trained to repair
+    its errors; every feature adapter then starts from that recovery adapter instead of from zero.
 
-Here the recovery adapter is trained on the pre-training corpus, with next-token cross entropy, with
-distillation from the float model's logits (KL), or with an equal mix of the two (`--loss`). The pre-training
-recipe in the paper is next-token prediction; distillation uses the float checkpoint we already have as the
-teacher. `--loss ce` is the default: it gave the lowest validation bpb in our measurements (README). Our `tiny`
-model is under-trained, so cross entropy does more than repair palettization: the adapter keeps learning the
-corpus and ends below the float model. To separate the two, the recovery run also trains the same adapter, with
-the same loss, steps and seed, on the float model (`--control`, on by default for ce and mix) and reports the gap
-that remains between the two adapted models (`gap_closed_matched`). With `--loss kl` the float model is its own
-teacher, its loss and gradients are zero, so that control is the float model itself.
+Read in this order: `LoRALinear` (the math), `add_adapters`, the adapter file (`save_adapter` / `load_adapter`,
+bound to its base by a fingerprint), `train_adapters`, then the command line. Recovery trains on the checkpoint's
+own corpus with next-token cross entropy (the paper's pre-training loss; `--loss kl` distils the float model's
+logits instead). `tiny` is under-trained, so cross entropy also keeps teaching it the corpus; to separate that from
+repair, the run trains the same adapter on the float model too (`--control`) and reports the gap left between the
+two adapted models (`gap_closed_matched`). Under torchrun the adapter training is data-parallel (DDP); the frozen
+base is replicated.
 
 Run:
-    python lora.py                                    # recovery: out/palettized.pt + teacher out/ckpt.pt
-                                                      #   -> out/adapter_recovery.pt, out/lora_recovery.json
-    python lora.py --task pydoc --init recovery       # feature adapter on Python docs, from the recovery adapter
-                                                      #   -> out/adapter_pydoc.pt, out/lora_pydoc_recovery.json
-    python lora.py --task pydoc --init zero           # the same from the standard init
-                                                      #   -> out/adapter_pydoc_zero.pt, out/lora_pydoc_zero.json
-    python lora.py --eval --adapter none              # validation bpb of the bare palettized base
-    python lora.py --eval --adapter out/adapter_pydoc.pt --data pydoc
-
-Ctrl-C during training ends it early without losing it: the adapter trained so far is evaluated and saved, and
-the report says how many steps it had (`iters_done`, `interrupted`).
+    python lora.py                                    # out/palettized.pt (+ teacher out/ckpt.pt) -> out/adapter_recovery.pt
+    python lora.py --task pydoc --init recovery       # feature adapter on Python's docs -> out/adapter_pydoc.pt
+    python lora.py --task pydoc --init zero           # the same from the standard init -> out/adapter_pydoc_zero.pt
+    python lora.py --eval --adapter out/adapter_pydoc.pt --data pydoc    # validation bpb of base + adapter
+Ctrl-C ends training early without losing it: the adapter so far is evaluated and saved (`iters_done`).
 """
 from __future__ import annotations
 
@@ -43,13 +34,14 @@ import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, evaluate, get_batch, load_splits
-from model import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_json
-from palettize import PROJECTIONS, PalettizedLinear, load_palettized
+from data import DataError, evaluate, get_batch, load_splits, tokenizer_from_checkpoint
+from model import CheckpointError, init_distributed, load_checkpoint, load_model, save_checkpoint, save_json
+from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palettized
 
 
 class AdapterError(Exception):
@@ -62,18 +54,13 @@ class AdapterError(Exception):
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (Hu et al. 2021, "LoRA"):
 
-        y = base(x) + (alpha / r) * B(A(dropout(x)))        A: (r, in), B: (out, r)
+        y = base(x) + (alpha / r) * B(A(x))          A: (r, in), B: (out, r)
 
-    `base` is anything with `in_features`, `out_features` and a forward (nn.Linear or PalettizedLinear); it is
-    not modified. A starts Kaiming-uniform (as nn.Linear's own init) and B at zero, so a fresh adapter changes
-    nothing and the first gradient step moves B only.
+    `base` is nn.Linear or PalettizedLinear, left untouched. A starts Kaiming-uniform (as nn.Linear's weight) and
+    B at zero, so a fresh adapter changes nothing. alpha / r is the LoRA paper's scaling: changing the rank at a
+    fixed alpha keeps the update's size; the default alpha = 2 r is a scale of 2."""
 
-    Scaling: alpha / r, the convention of the LoRA paper and of Hugging Face PEFT, so changing the rank at fixed
-    alpha keeps the update's size roughly fixed. (mlx-examples' LoRA instead multiplies by a fixed `scale`
-    independent of the rank.) Default alpha = 2 r, i.e. a scale of 2.
-    """
-
-    def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0):
+    def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0):
         super().__init__()
         if not (isinstance(rank, int) and rank > 0):
             raise AdapterError(f"LoRA rank must be a positive integer, got {rank!r}")
@@ -82,23 +69,18 @@ class LoRALinear(nn.Module):
         self.base = base
         self.in_features, self.out_features = base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, float(alpha), alpha / rank
-        ref = next(iter(list(base.parameters()) + list(base.buffers())), None)
-        device = ref.device if ref is not None else None
+        device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))   # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=device))  # (out, r)
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x):                                            # x: (..., in)
-        h = F.linear(self.dropout(x), self.lora_A.to(x.dtype))      # (..., r)
-        return self.base(x) + self.scale * F.linear(h, self.lora_B.to(x.dtype))  # (..., out)
+    def forward(self, x):                                            # (..., in) -> (..., out)
+        h = F.linear(x, self.lora_A.to(x.dtype))                     # (..., r)
+        return self.base(x) + self.scale * F.linear(h, self.lora_B.to(x.dtype))
 
     def delta_weight(self) -> torch.Tensor:
         """The dense update (alpha / r) B A, shape (out, in): base weight + this = the merged weight."""
         return self.scale * self.lora_B @ self.lora_A
-
-    def extra_repr(self):
-        return f"in={self.in_features}, out={self.out_features}, rank={self.rank}, alpha={self.alpha:g}"
 
 
 def adapters(model: nn.Module) -> dict[str, LoRALinear]:
@@ -106,82 +88,68 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def _targeted(model: nn.Module, targets) -> dict[str, nn.Module]:
-    """The linear-like modules whose last name component is in `targets` (LoRA wrappers not included)."""
-    found = {}
-    for name, m in model.named_modules():
-        if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features") and not isinstance(m, LoRALinear):
-            found[name] = m
-    return found
+def targeted_layers(model: nn.Module, targets) -> dict[str, nn.Module]:
+    """{name: module} of the linear-like modules whose last name component is in `targets` (not LoRA ones)."""
+    return {name: m for name, m in model.named_modules()
+            if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features") and not isinstance(m, LoRALinear)}
 
 
-def _canonical_targets(names) -> list[str]:
-    """Target names in PROJECTIONS order (others after, sorted), without duplicates."""
-    names = set(names)
-    return [p for p in PROJECTIONS if p in names] + sorted(names - set(PROJECTIONS))
-
-
-def add_adapters(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=PROJECTIONS,
-                 dropout: float = 0.0) -> list[str]:
-    """Freeze every tensor of `model` and wrap each target projection in a LoRALinear, in place.
-    Returns the wrapped module names. The A matrices draw from torch's global RNG (seed it first)."""
+def add_adapters(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=PROJECTIONS) -> list[str]:
+    """Freeze all of `model` and wrap each target projection in a LoRALinear, in place; returns the wrapped
+    names. The A matrices draw from torch's global RNG (seed it first)."""
     if adapters(model):
         raise AdapterError("the model already has adapters; remove_adapters() first, or load_adapter() to swap")
-    targets = _canonical_targets(targets)
-    found = _targeted(model, targets)
+    found = targeted_layers(model, targets)
     missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in found)]
     if missing or not targets:
         raise AdapterError(f"no linear layer named {', '.join(missing) or '(none given)'} in the model")
-    LoRALinear(nn.Linear(1, 1), rank, alpha)  # validates rank and alpha before anything is modified
-    for p in model.parameters():
-        p.requires_grad_(False)
+    LoRALinear(nn.Linear(1, 1), rank, alpha)                # checks rank and alpha before anything changes
+    model.requires_grad_(False)
     for name, m in found.items():
-        parent_name, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), leaf, LoRALinear(m, rank, alpha, dropout))
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, LoRALinear(m, rank, alpha))
     return list(found)
 
 
 def remove_adapters(model: nn.Module) -> None:
     """Unwrap every LoRALinear back to its frozen base layer, in place: the bare base again."""
     for name in adapters(model):
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, leaf, getattr(parent, leaf).base)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, getattr(model.get_submodule(parent), leaf).base)
 
 
 def adapter_config(model: nn.Module) -> dict | None:
-    """{rank, alpha, targets} of the attached adapters, or None when there are none."""
+    """{rank, alpha, targets} of the attached adapters (targets in PROJECTIONS order), or None if there are none."""
     mods = adapters(model)
     if not mods:
         return None
-    ranks = {m.rank for m in mods.values()}
-    alphas = {m.alpha for m in mods.values()}
+    ranks, alphas = {m.rank for m in mods.values()}, {m.alpha for m in mods.values()}
     if len(ranks) != 1 or len(alphas) != 1:
         raise AdapterError("the attached adapters mix ranks or alphas; this file handles one of each")
+    leaves = {n.rsplit(".", 1)[-1] for n in mods}
     return {"rank": ranks.pop(), "alpha": alphas.pop(),
-            "targets": _canonical_targets(n.rsplit(".", 1)[-1] for n in mods)}
+            "targets": [p for p in PROJECTIONS if p in leaves] + sorted(leaves - set(PROJECTIONS))}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total). The total counts each palettized weight as one parameter (in x out), as the float
-    model it came from would, and the embedding once."""
+    """(trainable, total); a palettized weight counts as in x out parameters, as in its float model."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PalettizedLinear))
-    return trainable, total
+    return trainable, total + sum(m.in_features * m.out_features for m in model.modules()
+                                  if isinstance(m, PalettizedLinear))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Fingerprints and adapter files
+# The adapter file: the adapter tensors only, bound to their base by a fingerprint
 
 def fingerprint(model: nn.Module) -> str:
-    """sha256 over the frozen base, tensor by tensor in name order: for a palettized model the LUTs and indices,
-    the int8 embedding with its scales, and the norms. Adapter tensors are left out and names are taken as if
-    no adapter were attached, so attaching, training or swapping adapters never changes the fingerprint."""
+    """sha256 over the frozen base, tensor by tensor in name order (LUTs and indices, int8 embedding, norms).
+    Adapter tensors are left out and names read as if none were attached, so attaching, training or swapping
+    adapters never changes it."""
     h = hashlib.sha256()
     state = model.state_dict()
     for name in sorted(state):
-        if ".lora_" in name or name.startswith("lora_"):
+        if ".lora_" in name:
             continue
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name.replace('.base.', '.')}|{t.dtype}|{tuple(t.shape)};".encode())
@@ -190,47 +158,37 @@ def fingerprint(model: nn.Module) -> str:
 
 
 def save_adapter(path: str, model: nn.Module, name: str, **extra) -> None:
-    """Write only the adapter tensors (fp16), their config and the base's fingerprint, atomically."""
+    """Write the adapter tensors (fp16), their config and the base's fingerprint, atomically."""
     cfg = adapter_config(model)
     if cfg is None:
         raise AdapterError("the model has no adapters to save")
-    tensors = {}
-    for mname, m in adapters(model).items():
-        tensors[f"{mname}.lora_A"] = m.lora_A.detach().to("cpu", torch.float16).clone()  # (r, in)
-        tensors[f"{mname}.lora_B"] = m.lora_B.detach().to("cpu", torch.float16).clone()  # (out, r)
+    tensors = {f"{n}.{k}": getattr(m, k).detach().to("cpu", torch.float16).clone()
+               for n, m in adapters(model).items() for k in ("lora_A", "lora_B")}     # (r, in), (out, r)
     save_checkpoint(path, kind="adapter", config={**cfg, "name": name}, fingerprint=fingerprint(model),
                     adapter=tensors, **extra)
 
 
 def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
-    """Put the adapter in `path` onto `model`, in place, and return its checkpoint dict.
-
-    With no adapters attached, attaches them with the file's rank, alpha and targets. With adapters attached,
-    swaps their values (same rank and targets required). Refuses, with a one-line AdapterError and `model`
-    untouched, an adapter trained on another base (fingerprint), or of another rank or other targets."""
+    """Put the adapter in `path` onto `model` in place (attaching adapters with the file's rank, alpha and
+    targets, or swapping the values of those attached) and return its checkpoint dict. Refuses, with a
+    one-line AdapterError and `model` untouched, an adapter of another base, rank or targets."""
     ckpt = load_checkpoint(path, "adapter", map_location)
     cfg = ckpt["config"]
-    if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg) and isinstance(ckpt.get("adapter"), dict)):
+    if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg) and isinstance(ckpt.get("adapter"),
+                                                                                              dict)):
         raise AdapterError(f"{path}: not an adapter file of this project (config or tensors missing)")
     fp = fingerprint(model)
     if ckpt.get("fingerprint") != fp:
         raise AdapterError(f"{path}: trained on a different base (fingerprint {str(ckpt.get('fingerprint'))[:12]}, "
                            f"this base {fp[:12]})")
     attached = adapter_config(model)
-    if attached is not None:
-        if attached["rank"] != cfg["rank"]:
-            raise AdapterError(f"{path}: rank {cfg['rank']} does not match the attached adapters' rank {attached['rank']}")
-        if set(attached["targets"]) != set(cfg["targets"]):
-            raise AdapterError(f"{path}: targets {','.join(cfg['targets'])} do not match the attached adapters' "
-                               f"{','.join(attached['targets'])}")
-        layers = {n: m.base for n, m in adapters(model).items()}
-    else:
-        layers = _targeted(model, cfg["targets"])
+    if attached is not None and (attached["rank"], set(attached["targets"])) != (cfg["rank"], set(cfg["targets"])):
+        raise AdapterError(f"{path}: rank {cfg['rank']}, targets {','.join(cfg['targets'])} do not match the "
+                           f"attached adapters' rank {attached['rank']}, targets {','.join(attached['targets'])}")
+    layers = {n: m.base for n, m in adapters(model).items()} if attached else targeted_layers(model, cfg["targets"])
     r = cfg["rank"]
-    want = {}
-    for n, m in layers.items():
-        want[f"{n}.lora_A"] = (r, m.in_features)
-        want[f"{n}.lora_B"] = (m.out_features, r)
+    want = {k: s for n, m in layers.items()
+            for k, s in ((f"{n}.lora_A", (r, m.in_features)), (f"{n}.lora_B", (m.out_features, r)))}
     got = {k: tuple(v.shape) for k, v in ckpt["adapter"].items()}
     if got != want:
         bad = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
@@ -260,52 +218,56 @@ def adapter_loss(logits, targets, teacher_logits=None, kind: str = "ce"):
     return kl if kind == "kl" else 0.5 * (ce + kl)
 
 
-def lr_at(it: int, iters: int, lr: float, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-    if it < warmup:
-        return lr * (it + 1) / warmup
-    progress = (it - warmup) / max(1, iters - warmup)
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+def adapter_lr_at(step: int, iters: int, lr: float, warmup: int) -> float:
+    """The adapter learning rate of `step`: linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup))))
 
 
 def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int, seq_len: int, seed: int,
                    device="cpu", teacher=None, loss: str = "ce", callback=None, progress: bool = True,
                    stop_at: int | None = None) -> list[float]:
     """AdamW on the adapter tensors only; returns the training loss of every step taken. `callback(step)` runs
-    before step 0 and after every step (for evaluations at chosen step counts). Ctrl-C (or reaching `stop_at`,
-    the same thing for tests) ends training early and keeps what was learned: the caller evaluates and saves
-    the adapter after len(losses) steps."""
+    before step 0 and after every step. Ctrl-C (or `stop_at`, the same for tests) ends training early and keeps
+    what was learned. Under torchrun each rank trains on its slice of every batch and DDP averages the
+    gradients, so the run is that of one process with the same batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise AdapterError("nothing to train: attach adapters first")
     if loss != "ce" and teacher is None:
         raise AdapterError(f"--loss {loss} needs a teacher model")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    fwd = model if world == 1 else nn.parallel.DistributedDataParallel(   # the frozen base is the same everywhere
+        model, device_ids=[device] if str(device).startswith("cuda") else None, broadcast_buffers=False)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
-    warmup = max(1, iters // 20)
+    warmup, losses = max(1, iters // 20), []
     model.train()
-    losses = []
     if callback:
         callback(0)
-    bar = tqdm(range(iters), desc=f"lora ({loss})", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(iters), desc=f"lora ({loss})", disable=not progress or rank > 0, dynamic_ncols=True)
     try:
-        for it in bar:
+        for step in bar:
             for g in opt.param_groups:
-                g["lr"] = lr_at(it, iters, lr, warmup)
-            x, y = get_batch(train_data, batch_size, seq_len, gen, device)  # (B, T), (B, T)
-            t_logits = None
-            if loss != "ce":
-                with torch.no_grad():
-                    t_logits = teacher(x)                                    # (B, T, V)
-            l = adapter_loss(model(x), y, t_logits, loss)
+                g["lr"] = adapter_lr_at(step, iters, lr, warmup)
+            x, y = get_batch(train_data, batch_size, seq_len, gen)          # (B, T) each, the same on every rank
+            x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)     # this rank's share
+            with torch.no_grad():
+                t_logits = teacher(x) if loss != "ce" else None             # (B, T, V)
+            step_loss = adapter_loss(fwd(x), y, t_logits, loss)
             opt.zero_grad(set_to_none=True)
-            l.backward()
+            step_loss.backward()
             opt.step()
-            losses.append(l.item())
+            step_loss = step_loss.detach()
+            if world > 1:
+                dist.all_reduce(step_loss)
+                step_loss /= world
+            losses.append(step_loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if callback:
-                callback(it + 1)
-            if stop_at is not None and it + 1 >= stop_at:
+                callback(step + 1)
+            if stop_at is not None and step + 1 >= stop_at:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
         bar.close()
@@ -315,250 +277,220 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Script
-
-def bits_per_weight(model: nn.Module) -> float:
-    """Average bits per projection weight of a palettized model, LUTs included (fp16 entries)."""
-    bits = n = 0
-    for m in model.modules():
-        if isinstance(m, PalettizedLinear):
-            n += m.in_features * m.out_features
-            bits += m.bits * m.in_features * m.out_features + 16 * m.lut.numel()
-    return bits / n if n else 16.0
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AdapterError(f"--device {name}: CUDA is not available")
-    if name != "cpu" and not name.startswith("cuda"):
-        raise AdapterError(f"--device {name}: use auto, cpu or cuda[:N]")
-    return name
-
+# The command line
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         description="Train LoRA adapters on the frozen palettized model: accuracy recovery (default), a feature "
                     "adapter (--task NAME --init recovery|zero), or evaluate an adapter (--eval).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--task", default="recovery",
-                    help="'recovery' (repair palettization against the float teacher) or a feature name (trains "
-                         "on --data, default the same name: 'pydoc')")
+    ap.add_argument("--task", default="recovery", help="'recovery', or a feature name (trains on --data, default "
+                                                       "the corpus of that name, e.g. pydoc)")
     ap.add_argument("--init", choices=("recovery", "zero"), default="recovery",
                     help="feature adapters: start from the recovery adapter (--adapter) or from the standard init")
-    ap.add_argument("--eval", action="store_true", help="only print validation bpb of --base + --adapter on --data")
+    ap.add_argument("--eval", action="store_true", help="only print the validation bpb of --base + --adapter")
     ap.add_argument("--out-dir", default="out", help="outputs go here; default inputs are read from here too")
-    ap.add_argument("--base", default=None, help="palettized checkpoint [OUT_DIR/palettized.pt]")
-    ap.add_argument("--teacher", default=None, help="float checkpoint, recovery only [OUT_DIR/ckpt.pt]")
-    ap.add_argument("--adapter", default=None,
-                    help="adapter to start from (--init recovery) or to evaluate (--eval); 'none' = bare base "
-                         "[OUT_DIR/adapter_recovery.pt]")
-    ap.add_argument("--data", default=None, help="corpus: 'bible', 'pydoc' or a text file [bible for recovery, "
-                                                  "else the task name]")
+    ap.add_argument("--base", default=None, help="palettized checkpoint (default: OUT_DIR/palettized.pt)")
+    ap.add_argument("--teacher", default=None, help="float checkpoint, for recovery (default: OUT_DIR/ckpt.pt)")
+    ap.add_argument("--adapter", default=None, help="adapter to start from (--init recovery) or to evaluate; "
+                                                    "'none' = bare base (default: OUT_DIR/adapter_recovery.pt)")
+    ap.add_argument("--data", default=None, help="corpus: 'bible', 'pydoc' or a text file (default: the base's "
+                                                 "training corpus for recovery and --eval, else the task name)")
     ap.add_argument("--loss", choices=("ce", "kl", "mix"), default="ce",
                     help="recovery loss: next-token CE, KL from the teacher's logits, or their mean")
     ap.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
                     help="recovery with ce or mix: also train the same adapter on the float model and report the "
-                         "gap that remains between the two (doubles the training time)")
-    ap.add_argument("--rank", type=int, default=None, help="LoRA rank [16, or the --adapter file's]")
-    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank [2 x rank]")
+                         "gap left between the two (doubles the training time)")
+    ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16, or the --adapter file's)")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: 2 x rank)")
     ap.add_argument("--targets", default=",".join(PROJECTIONS), help="comma-separated projections to adapt")
-    ap.add_argument("--lr", type=float, default=None, help="peak learning rate [2e-3 recovery, 1e-3 features]")
-    ap.add_argument("--iters", type=int, default=None, help="training steps [300 recovery, 100 features]")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=None, help="context length [the model's max_seq_len]")
+    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 recovery, 1e-3 "
+                                                           "features)")
+    ap.add_argument("--iters", type=int, default=None, help="training steps (default: 300 recovery, 100 features)")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
+    ap.add_argument("--seq-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
     ap.add_argument("--eval-windows", type=int, default=256, help="validation windows per evaluation")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the adapter init and the batches")
     ap.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda if available)")
     ap.add_argument("--stop-at", type=int, default=None,
-                    help="stop after this step as if interrupted (Ctrl-C): the adapter so far is evaluated and saved")
+                    help="stop after this step as if interrupted: the adapter so far is evaluated and saved")
     return ap.parse_args(argv)
 
 
-def check_args(a):
-    for flag in ("rank", "iters", "batch_size", "seq_len", "eval_windows", "stop_at"):
-        v = getattr(a, flag)
-        if v is not None and v <= 0:
-            raise AdapterError(f"--{flag.replace('_', '-')} must be positive, got {v}")
-    for flag in ("lr", "alpha"):
-        v = getattr(a, flag)
-        if v is not None and not v > 0:
-            raise AdapterError(f"--{flag} must be positive, got {v}")
-    a.targets = [t for t in a.targets.split(",") if t]
-    if not a.targets:
-        raise AdapterError("--targets is empty")
-    if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
-        raise AdapterError(f"--out-dir {a.out_dir}: exists and is not a directory")
-    a.device = pick_device(a.device)
-    recovery = a.task == "recovery"
-    a.base = a.base or os.path.join(a.out_dir, "palettized.pt")
-    a.teacher = a.teacher or os.path.join(a.out_dir, "ckpt.pt")
-    a.adapter = a.adapter or os.path.join(a.out_dir, "adapter_recovery.pt")
-    a.data = a.data or ("bible" if recovery or a.eval else a.task)
-    a.lr = a.lr or (2e-3 if recovery else 1e-3)
-    a.iters = a.iters or (300 if recovery else 100)
-    return a
+def main(argv=None):
+    """Run the script (recovery, a feature adapter, or --eval)."""
+    t0 = time.time()
+    a = parse_args(argv)
+    try:
+        for flag in ("rank", "iters", "batch_size", "seq_len", "eval_windows", "stop_at", "lr", "alpha"):
+            if getattr(a, flag) is not None and not getattr(a, flag) > 0:
+                raise AdapterError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
+        a.targets = [t for t in a.targets.split(",") if t]
+        if not a.targets:
+            raise AdapterError("--targets is empty")
+        if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
+            raise AdapterError(f"--out-dir {a.out_dir}: exists and is not a directory")
+        rank, world, a.device = init_distributed(a.device)
+        if a.batch_size % world:
+            raise AdapterError(f"--batch-size {a.batch_size} must be a multiple of the {world} processes")
+        a.leader, recovery = rank == 0, a.task == "recovery"
+        a.base = a.base or os.path.join(a.out_dir, "palettized.pt")
+        a.teacher = a.teacher or os.path.join(a.out_dir, "ckpt.pt")
+        a.adapter = a.adapter or os.path.join(a.out_dir, "adapter_recovery.pt")
+        a.lr, a.iters = a.lr or (2e-3 if recovery else 1e-3), a.iters or (300 if recovery else 100)
+        base, ckpt = load_palettized(a.base)
+        a.base_data = (ckpt.get("report") or {}).get("data") or "bible"     # the corpus the base learned
+        a.data = a.data or (a.base_data if recovery or a.eval else a.task)
+        a.tokenizer = tokenizer_from_checkpoint(ckpt)
+        a.seq_len = a.seq_len or base.config.max_seq_len
+        if a.seq_len > base.config.max_seq_len:
+            raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {base.config.max_seq_len}")
+        if a.eval:
+            if a.adapter != "none":
+                load_adapter(a.adapter, base)
+            _, val = load_splits(a.data, a.seq_len, a.tokenizer)
+            print(f"{a.data} val bpb: {val_bpb(base.to(a.device), val, a):.4f}  (base {a.base}, adapter {a.adapter})")
+        elif recovery:
+            train_recovery(a, base, t0)
+        else:
+            train_feature(a, base, t0)
+    except (AdapterError, CheckpointError, DataError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
 
 
-def evaluate_bpb(model, val, a) -> float:
-    return evaluate(model, val, a.seq_len, batch_size=16, max_windows=a.eval_windows, device=a.device)["bpb"]
+def val_bpb(model, val, a) -> float:
+    """Validation bits per byte of `model` on `val`, with the script's settings."""
+    return evaluate(model, val, a.seq_len, batch_size=16, max_windows=a.eval_windows, device=a.device,
+                    tokenizer=a.tokenizer)["bpb"]
 
 
-def run_eval(a, base):
-    if a.adapter != "none":
-        load_adapter(a.adapter, base)
-    _, val = load_splits(a.data, a.seq_len)
-    bpb = evaluate_bpb(base.to(a.device), val, a)
-    print(f"{a.data} val bpb: {bpb:.4f}  (base {a.base}, adapter {a.adapter})")
-
-
-def run_recovery(a, base, t0):
+def train_recovery(a, base, t0) -> dict:
+    """The recovery adapter: train, evaluate against the float model (and the control), save; returns the report."""
     teacher, _ = load_model(a.teacher)
     if teacher.config != base.config:
         raise AdapterError(f"{a.teacher}: its config ({teacher.config.name}) differs from the base's "
                            f"({base.config.name}); the base must be palettized from this teacher")
-    train, val = load_splits(a.data, a.seq_len)
-    teacher.to(a.device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    train, val = load_splits(a.data, a.seq_len, a.tokenizer)
+    teacher.to(a.device).eval().requires_grad_(False)
     base.to(a.device)
     rank = a.rank or 16
     alpha = a.alpha or 2.0 * rank
-    print(f"evaluating the float teacher and the palettized base on {a.data} ({a.eval_windows} windows) ...")
-    bpb_float = evaluate_bpb(teacher, val, a)
-    bpb_pal = evaluate_bpb(base, val, a)
-    print(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f} (gap {bpb_pal - bpb_float:+.4f})")
+    bpb_float, bpb_pal = val_bpb(teacher, val, a), val_bpb(base, val, a)
+    log = print if a.leader else (lambda *_: None)
+    log(f"val bpb on {a.data}: float {bpb_float:.4f}, palettized {bpb_pal:.4f} (gap {bpb_pal - bpb_float:+.4f})")
     torch.manual_seed(a.seed)
     add_adapters(base, rank, alpha, a.targets)
     trainable, total = count_parameters(base)
-    print(f"adapters: rank {rank}, alpha {alpha:g} on {','.join(a.targets)}; trainable {trainable:,} of "
-          f"{total:,} parameters ({100 * trainable / total:.2f}%)")
+    log(f"adapters: rank {rank}, alpha {alpha:g} on {','.join(a.targets)}; trainable {trainable:,} of {total:,} "
+        f"parameters ({100 * trainable / total:.2f}%)")
     t_train = time.time()
-    losses = train_adapters(base, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                            seed=a.seed, device=a.device, teacher=teacher, loss=a.loss, stop_at=a.stop_at)
-    t_train = time.time() - t_train
-    done = len(losses)
-    bpb_rec = evaluate_bpb(base, val, a)
-    gap = bpb_pal - bpb_float
-    closed = (bpb_pal - bpb_rec) / gap if gap > 0 else None
-    bpb_ctrl = closed_matched = None
-    if a.loss == "kl":
-        bpb_ctrl = bpb_float          # KL(float || float) = 0: the float model would not move
-    elif done < a.iters:
-        print("control skipped: the run was interrupted")
-    elif a.control:
-        # The control: the same adapter, loss, steps and seed on the float model (a frozen copy stays teacher).
-        print("control: training the same adapter on the float model ...")
-        student = copy.deepcopy(teacher)
+    kw = dict(iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, device=a.device,
+              teacher=teacher, loss=a.loss)
+    losses = train_adapters(base, train, stop_at=a.stop_at, **kw)
+    t_train, done = time.time() - t_train, len(losses)
+    bpb_rec = val_bpb(base, val, a)
+    bpb_ctrl = bpb_float if a.loss == "kl" else None        # KL(float || float) = 0: the float model would not move
+    if a.loss != "kl" and a.control and done == a.iters:
+        log("control: the same adapter training on the float model ...")
+        student = copy.deepcopy(teacher)                     # a frozen copy stays the teacher
         torch.manual_seed(a.seed)
         add_adapters(student, rank, alpha, a.targets)
-        train_adapters(student, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                       seed=a.seed, device=a.device, teacher=teacher, loss=a.loss)
-        bpb_ctrl = evaluate_bpb(student, val, a)
-        del student
-    if bpb_ctrl is not None and gap > 0:
-        closed_matched = 1.0 - (bpb_rec - bpb_ctrl) / gap
-    seconds = time.time() - t0
-    adapter_path = os.path.join(a.out_dir, "adapter_recovery.pt")
-    save_adapter(adapter_path, base, "recovery", loss=a.loss, val_bpb=bpb_rec, steps=done)
+        train_adapters(student, train, **kw)
+        bpb_ctrl = val_bpb(student, val, a)
+    # A fraction of a gap that is within evaluation noise says nothing: then only the absolute numbers count.
+    gap = bpb_pal - bpb_float
+    meaningful = gap > 1e-3 * bpb_float
+    closed = (bpb_pal - bpb_rec) / gap if meaningful else None
+    matched = 1.0 - (bpb_rec - bpb_ctrl) / gap if meaningful and bpb_ctrl is not None else None
+    path = os.path.join(a.out_dir, "adapter_recovery.pt")
     report = {
         "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_recovered": bpb_rec,
-        "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl, "gap_closed_matched": closed_matched,
-        "base_bits_per_weight": bits_per_weight(base), "rank": rank, "alpha": alpha,
-        "targets": a.targets, "trainable_params": trainable, "total_params": total,
-        "adapter_bytes": os.path.getsize(adapter_path), "iters": a.iters, "iters_done": done,
-        "interrupted": done < a.iters, "seconds": seconds,
-        "train_seconds": t_train, "loss": a.loss, "lr": a.lr, "batch_size": a.batch_size, "seq_len": a.seq_len,
-        "seed": a.seed, "data": a.data, "final_train_loss": losses[-1] if losses else None,
-        "base": a.base, "teacher": a.teacher, "device": a.device,
+        "gap": gap, "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl, "gap_closed_matched": matched,
+        "base_bits_per_weight": base_bits_per_weight(base), "rank": rank, "alpha": alpha, "targets": a.targets,
+        "trainable_params": trainable, "total_params": total, "iters": a.iters, "iters_done": done,
+        "interrupted": done < a.iters, "seconds": time.time() - t0, "train_seconds": t_train, "loss": a.loss,
+        "lr": a.lr, "batch_size": a.batch_size, "seq_len": a.seq_len, "seed": a.seed, "data": a.data,
+        "losses": losses, "base": a.base, "teacher": a.teacher,
+        "device": str(a.device),
     }
+    if not a.leader:
+        return report
+    save_adapter(path, base, "recovery", loss=a.loss, val_bpb=bpb_rec, steps=done)
+    report["adapter_bytes"] = os.path.getsize(path)
     save_json(os.path.join(a.out_dir, "lora_recovery.json"), report)
-    closed_txt = f"{100 * closed:.1f}%" if closed is not None else "n/a (no gap)"
-    print(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f}, recovered {bpb_rec:.4f}; "
-          f"gap closed {closed_txt} in {seconds:.0f} s ({t_train:.0f} s training)")
-    if closed_matched is not None:
-        print(f"control: the float model with the same adapter training reaches {bpb_ctrl:.4f}; the palettized "
-              f"model trails it by {bpb_rec - bpb_ctrl:+.4f} (was {gap:+.4f}): matched gap closed "
-              f"{100 * closed_matched:.1f}%")
-    print(f"wrote {adapter_path} ({report['adapter_bytes']:,} bytes), {os.path.join(a.out_dir, 'lora_recovery.json')}")
+    print(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f}, recovered {bpb_rec:.4f}; gap closed "
+          + (f"{100 * closed:.1f}%" if meaningful else f"n/a: the gap {gap:+.5f} is within noise")
+          + f" in {report['seconds']:.0f} s ({t_train:.0f} s training)")
+    if matched is not None:
+        print(f"control: the float model given the same adapter training reaches {bpb_ctrl:.4f}; the palettized "
+              f"one trails it by {bpb_rec - bpb_ctrl:+.4f} (was {gap:+.4f}): matched gap closed {100 * matched:.1f}%")
+    print(f"wrote {path} ({report['adapter_bytes']:,} bytes), {os.path.join(a.out_dir, 'lora_recovery.json')}")
+    return report
 
 
-def run_feature(a, base, t0):
-    train, val = load_splits(a.data, a.seq_len)
-    _, orig_val = load_splits("bible", a.seq_len)
+def base_bits_per_weight(model: nn.Module) -> float:
+    """Average bits per projection weight of a palettized model, LUTs included."""
+    layers = [m for m in model.modules() if isinstance(m, PalettizedLinear)]
+    shapes = {i: (m.out_features, m.in_features) for i, m in enumerate(layers)}
+    return bits_per_weight(shapes, {i: m.bits for i, m in enumerate(layers)}, layers[0].group_size)
+
+
+def train_feature(a, base, t0) -> dict:
+    """A feature adapter on --data, from the recovery adapter or from zero; returns the report."""
+    train, val = load_splits(a.data, a.seq_len, a.tokenizer)
+    _, orig_val = load_splits(a.base_data, a.seq_len, a.tokenizer)
     torch.manual_seed(a.seed)
     if a.init == "recovery":
         load_adapter(a.adapter, base)
         cfg = adapter_config(base)
-        if a.rank is not None and a.rank != cfg["rank"]:
-            raise AdapterError(f"{a.adapter}: rank {cfg['rank']} does not match --rank {a.rank}")
-        if set(a.targets) != set(cfg["targets"]):
-            raise AdapterError(f"{a.adapter}: targets {','.join(cfg['targets'])} do not match --targets")
-        if a.alpha is not None and a.alpha != cfg["alpha"]:
-            raise AdapterError(f"{a.adapter}: alpha {cfg['alpha']:g} does not match --alpha {a.alpha:g}")
+        wanted = (a.rank or cfg["rank"], a.alpha or cfg["alpha"], set(a.targets))
+        if wanted != (cfg["rank"], cfg["alpha"], set(cfg["targets"])):
+            raise AdapterError(f"{a.adapter}: rank {cfg['rank']}, alpha {cfg['alpha']:g}, targets "
+                               f"{','.join(cfg['targets'])} do not match --rank, --alpha, --targets")
     else:
-        rank = a.rank or 16
-        add_adapters(base, rank, a.alpha or 2.0 * rank, a.targets)
+        add_adapters(base, a.rank or 16, a.alpha or 2.0 * (a.rank or 16), a.targets)
     cfg = adapter_config(base)
     base.to(a.device)
     trainable, total = count_parameters(base)
-    print(f"feature adapter '{a.task}' on {a.data}, init {a.init}: rank {cfg['rank']}, alpha {cfg['alpha']:g}; "
-          f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
-    steps = sorted({0, a.iters // 4, a.iters // 2, 3 * a.iters // 4, a.iters})
-    curve = {}
+    if a.leader:
+        print(f"feature adapter '{a.task}' on {a.data}, init {a.init}: rank {cfg['rank']}, alpha {cfg['alpha']:g}; "
+              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    steps, curve = {0, a.iters // 4, a.iters // 2, 3 * a.iters // 4, a.iters}, {}
 
     def at_step(step):
         if step in steps:
-            curve[step] = evaluate_bpb(base, val, a)
-            tqdm.write(f"step {step}: {a.data} val bpb {curve[step]:.4f}")
+            curve[step] = val_bpb(base, val, a)
+            if a.leader:
+                tqdm.write(f"step {step}: {a.data} val bpb {curve[step]:.4f}")
 
-    bpb_orig_start = evaluate_bpb(base, orig_val, a)
+    orig_start = val_bpb(base, orig_val, a)
     t_train = time.time()
     done = len(train_adapters(base, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
                               seed=a.seed, device=a.device, loss="ce", callback=at_step, stop_at=a.stop_at))
     t_train = time.time() - t_train
     if done not in curve:                                            # interrupted between two evaluations
-        curve[done] = evaluate_bpb(base, val, a)
-    steps = sorted(curve)                                            # the step counts actually evaluated
-    bpb_orig_end = evaluate_bpb(base, orig_val, a)
-    suffix = "" if a.init == "recovery" else "_zero"
-    adapter_path = os.path.join(a.out_dir, f"adapter_{a.task}{suffix}.pt")
-    save_adapter(adapter_path, base, a.task, init=a.init, val_bpb=curve[done], steps=done)
+        curve[done] = val_bpb(base, val, a)
+    orig_end = val_bpb(base, orig_val, a)
+    path = os.path.join(a.out_dir, f"adapter_{a.task}{'' if a.init == 'recovery' else '_zero'}.pt")
     report = {
         "task": a.task, "data": a.data, "init": a.init, "init_adapter": a.adapter if a.init == "recovery" else None,
-        "val_bpb_by_step": {str(s): curve[s] for s in steps},
-        "bible_val_bpb_start": bpb_orig_start, "bible_val_bpb_end": bpb_orig_end,
-        "bible_forgetting": bpb_orig_end - bpb_orig_start,
-        "rank": cfg["rank"], "alpha": cfg["alpha"], "trainable_params": trainable,
-        "adapter_bytes": os.path.getsize(adapter_path), "iters": a.iters, "iters_done": done,
-        "interrupted": done < a.iters, "lr": a.lr, "batch_size": a.batch_size,
+        "val_bpb_by_step": {str(s): curve[s] for s in sorted(curve)}, "orig_data": a.base_data,
+        "orig_val_bpb_start": orig_start, "orig_val_bpb_end": orig_end, "forgetting": orig_end - orig_start,
+        "rank": cfg["rank"], "alpha": cfg["alpha"], "trainable_params": trainable, "iters": a.iters,
+        "iters_done": done, "interrupted": done < a.iters, "lr": a.lr, "batch_size": a.batch_size,
         "seq_len": a.seq_len, "seed": a.seed, "seconds": time.time() - t0, "train_seconds": t_train,
-        "base": a.base, "device": a.device,
+        "base": a.base, "device": str(a.device),
     }
+    if not a.leader:
+        return report
+    save_adapter(path, base, a.task, init=a.init, val_bpb=curve[done], steps=done)
+    report["adapter_bytes"] = os.path.getsize(path)
     json_path = os.path.join(a.out_dir, f"lora_{a.task}_{a.init}.json")
     save_json(json_path, report)
-    print(f"{a.data} val bpb by step: " + ", ".join(f"{s}: {curve[s]:.4f}" for s in steps))
-    print(f"bible val bpb {bpb_orig_start:.4f} -> {bpb_orig_end:.4f} (forgetting {bpb_orig_end - bpb_orig_start:+.4f})")
-    print(f"wrote {adapter_path} ({report['adapter_bytes']:,} bytes), {json_path}")
-
-
-def main(argv=None):
-    t0 = time.time()
-    try:
-        a = check_args(parse_args(argv))
-        base, _ = load_palettized(a.base)
-        a.seq_len = a.seq_len or base.config.max_seq_len
-        if a.seq_len > base.config.max_seq_len:
-            raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {base.config.max_seq_len}")
-        if a.eval:
-            run_eval(a, base)
-        elif a.task == "recovery":
-            run_recovery(a, base, t0)
-        else:
-            run_feature(a, base, t0)
-    except (AdapterError, CheckpointError, DataError) as e:
-        raise SystemExit(f"error: {e}")
+    print(f"{a.data} val bpb by step: " + ", ".join(f"{s}: {curve[s]:.4f}" for s in sorted(curve)))
+    print(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} (forgetting {orig_end - orig_start:+.4f})")
+    print(f"wrote {path} ({report['adapter_bytes']:,} bytes), {json_path}")
+    return report
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.distributed
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -344,6 +345,32 @@ def load_model(path: str, map_location="cpu") -> tuple[Transformer, dict]:
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
     return model.to(map_location), ckpt
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Devices and processes (train.py and lora.py run under torchrun too)
+
+def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
+    """(rank, world size, device) of this process. `device_name`: cpu, cuda, cuda:N or auto (cuda if there is
+    one). Under torchrun it also joins the process group (nccl on GPUs, gloo on CPUs) and takes the GPU of its
+    local rank; a plain run is rank 0 of 1."""
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device_name}: use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device_name}: no CUDA GPU is available")
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
 # ----------------------------------------------------------------------------------------------------------

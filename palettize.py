@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, evaluate, get_batch, load_splits
+from data import DataError, evaluate, get_batch, load_splits, tokenizer_from_checkpoint
 from model import (CheckpointError, Transformer, config_from_dict, load_checkpoint, load_model,
                    save_checkpoint, save_json)
 
@@ -476,13 +476,15 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
         raise PalettizeError("tok_emb: weight contains NaN or Inf")
     if a.bpw is not None:
         allocate_bits(shapes, {n: 0.0 for n in names}, a.bpw, a.group_size)        # reachable at all?
-    train, val = load_splits(data_name, seq_len)
+    tokenizer = tokenizer_from_checkpoint(ckpt)                   # None: byte-level tokens
+    train, val = load_splits(data_name, seq_len, tokenizer)
     model.to(device).eval()
     print(f"{ckpt_path}: {model.config.name}, {len(names)} projections, {sum(math.prod(s) for s in shapes.values()):,}"
           f" projection weights; data {data_name}, seq_len {seq_len}")
 
     def val_bpb():
-        return evaluate(model, val, seq_len, batch_size=16, max_windows=a.eval_windows, device=device)["bpb"]
+        return evaluate(model, val, seq_len, batch_size=16, max_windows=a.eval_windows, device=device,
+                        tokenizer=tokenizer)["bpb"]
     bpb_float = val_bpb()
     print(f"val bpb float: {bpb_float:.4f}")
     batches = importance = rise = None
@@ -530,7 +532,7 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
         "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_rise": rel,
         "palettize_seconds": t_pal, "device": device, "seconds": time.time() - t_start,
     }
-    save_palettized(os.path.join(a.out_dir, "palettized.pt"), model.cpu(), report=out)
+    save_palettized(os.path.join(a.out_dir, "palettized.pt"), model.cpu(), report=out, tokenizer=ckpt.get("tokenizer"))
     save_json(os.path.join(a.out_dir, "palettize.json"), out)
     print(f"wrote {os.path.join(a.out_dir, 'palettized.pt')} and palettize.json in {out['seconds']:.1f} s")
     return out

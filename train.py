@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from data import DataError, decode, evaluate, get_batch, load_splits
 from model import (CONFIGS, CheckpointError, Transformer, config_from_dict, count_params, flops_per_token,
-                   get_config, load_checkpoint, load_model, save_json, save_model)
+                   get_config, init_distributed, load_checkpoint, load_model, save_json, save_model)
 
 H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of one H200 (the H100 SXM's tensor cores), for MFU
 
@@ -157,24 +157,6 @@ def loss_fn(model, x, y, teacher=None):
 # from the same seeded sampler and trains on its own slice, so the global batch and the loss curve are those of
 # one process. A plain `python train.py` is a world of one and takes none of these paths.
 
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process; under torchrun it also joins the process group."""
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise SystemExit(f"error: unknown device {device_name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda asked for, but no CUDA GPU is available")
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
 def shard_model(model: Transformer, device: torch.device, world: int, bf16: bool) -> None:
     """FSDP2 in place: each block, then the whole model (embedding, final norm), sharded over all ranks."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -201,9 +183,8 @@ def main(argv=None) -> dict:
     """Train; returns the report written to train.json (on rank 0; other ranks return {})."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     args = parse_args(argv)
-    rank, world, device = init_distributed(args.device)
-    leader = rank == 0                                  # rank 0 alone prints, evaluates, writes
     try:
+        rank, world, device = init_distributed(args.device)
         s, cfg, ckpt = run_settings(args)
         if s["batch_size"] % world:
             raise ValueError(f"--batch-size {s['batch_size']} must be a multiple of the {world} processes")
@@ -217,6 +198,7 @@ def main(argv=None) -> dict:
                                  f"does not fit the student (vocab {cfg.vocab_size}, seq_len {s['seq_len']})")
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+    leader = rank == 0                                  # rank 0 alone prints, evaluates, writes
     B, T, accum, iters = s["batch_size"], s["seq_len"], s["grad_accum"], s["iters"]
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     bf16 = torch.bfloat16 if dtype == "bfloat16" else None

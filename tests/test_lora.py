@@ -11,7 +11,7 @@ import lora
 from lora import (AdapterError, LoRALinear, add_adapters, adapter_config, adapters, count_parameters,
                   fingerprint, load_adapter, remove_adapters, save_adapter, train_adapters)
 from data import encode
-from model import CheckpointError, ModelConfig, Transformer, save_model
+from model import CheckpointError, ModelConfig, Transformer, load_model, save_model
 from palettize import PROJECTIONS, PalettizedLinear, load_palettized, palettize_model, save_palettized
 
 MICRO = ModelConfig(name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
@@ -312,7 +312,7 @@ def test_feature_adapter_script(workdir):
             *(["--rank", "4"] if init == "zero" else []))
         rep = json.loads((workdir / f"lora_feat_{init}.json").read_text())
         assert list(rep["val_bpb_by_step"]) == ["0", "2", "4", "6", "8"]
-        assert "bible_val_bpb_end" in rep and rep["rank"] == 4
+        assert "orig_val_bpb_end" in rep and rep["orig_data"] == "bible" and rep["rank"] == 4
     assert (workdir / "adapter_feat.pt").exists() and (workdir / "adapter_feat_zero.pt").exists()
     r = json.loads((workdir / "lora_feat_recovery.json").read_text())
     z = json.loads((workdir / "lora_feat_zero.json").read_text())
@@ -384,3 +384,36 @@ def test_train_adapters_stops_on_keyboard_interrupt():
                             progress=False)
     assert len(losses) == 5
     assert any(m.lora_B.abs().sum() > 0 for m in adapters(model).values())
+
+
+def test_recovery_defaults_to_the_base_corpus_and_a_tiny_gap_is_not_a_fraction(workdir, tmp_path, capsys):
+    """The base's own corpus (from its palettize report), not the Bible; and an 8-bit base, whose gap to the float
+    model is within noise, reports the absolute numbers instead of a huge percentage."""
+    m, _ = load_model(str(workdir / "ckpt.pt"))
+    palettize_model(m, 8)
+    save_palettized(str(tmp_path / "palettized.pt"), m, report={"data": str(workdir / "corpus.txt")})
+    lora.main(["--out-dir", str(tmp_path), "--teacher", str(workdir / "ckpt.pt"), "--seq-len", "32", "--iters", "2",
+               "--batch-size", "8", "--eval-windows", "16", "--device", "cpu", "--rank", "4", "--no-control"])
+    rep = json.loads((tmp_path / "lora_recovery.json").read_text())
+    assert rep["data"] == str(workdir / "corpus.txt")
+    assert abs(rep["gap"]) < 1e-3 * rep["val_bpb_float"] and rep["gap_closed"] is None
+    assert "within noise" in capsys.readouterr().out
+
+
+def test_recovery_under_torchrun_matches_one_process(workdir, tmp_path):
+    """2 CPU processes (gloo, DDP) train the adapter on halves of each batch: the loss curve of one process."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    flags = ["--base", str(workdir / "palettized.pt"), "--teacher", str(workdir / "ckpt.pt"), "--data",
+             str(workdir / "corpus.txt"), "--seq-len", "32", "--batch-size", "8", "--eval-windows", "16",
+             "--device", "cpu", "--iters", "5", "--lr", "1e-2", "--rank", "4", "--no-control"]
+    lora.main(["--out-dir", str(tmp_path / "one"), *flags])
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        os.path.join(root, "lora.py"), "--out-dir", str(tmp_path / "two"), *flags],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (p.stdout + p.stderr).count("wrote ") == 1                    # rank 0 alone writes
+    one, two = (json.loads((tmp_path / d / "lora_recovery.json").read_text()) for d in ("one", "two"))
+    torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-5)
+    assert abs(two["val_bpb_recovered"] - one["val_bpb_recovered"]) < 1e-4
