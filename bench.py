@@ -191,124 +191,8 @@ def bench_generate(args) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Export: package bytes against the ideal (packed indices + LUTs + int8 embedding + fp16 rest), from export.json
 
-def bench_export(args) -> dict:
-    path = os.path.join(args.out_dir, "export.json")
-    if not os.path.isfile(path):
-        print(f"export: {path} not found (run python export_ane.py first); skipped")
-        return {"skipped": f"{path} not found"}
-    with open(path) as f:
-        e = json.load(f)
-    r = {"package_bytes": e["package_bytes"], "ideal_bytes": e["ideal_bytes"],
-         "ratio": e["package_bytes"] / e["ideal_bytes"]}
-    print(f"export: package {r['package_bytes']:,} bytes, ideal {r['ideal_bytes']:,} -> {r['ratio']:.3f}x")
-    return r
-
-# ----------------------------------------------------------------------------------------------------------
-# Uniform 4-bit and 2-bit palettizations of out/ckpt.pt, to sit beside the 3.7 bpw mix in the results table
-
-def bench_sweep(args) -> dict:
-    import palettize
-
-    rows = []
-    for bits in (4, 2):
-        d = os.path.join(args.out_dir, f"sweep_{bits}bit")
-        r = palettize.main(["--ckpt", os.path.join(args.out_dir, "ckpt.pt"), "--out-dir", d, "--bits", str(bits)])
-        rows.append({"bits": bits, "bits_per_weight": r["bits_per_weight"], "model_bytes": r["model_bytes"],
-                     "val_bpb": r["val_bpb_palettized"], "val_bpb_float": r["val_bpb_float"],
-                     "command": f"python palettize.py --bits {bits} --out-dir {d}"})
-    return {"rows": rows}
-
-# ----------------------------------------------------------------------------------------------------------
-# The recipe's results table, built only from the JSON reports the scripts wrote
-
-RECIPE = ("python train.py && python palettize.py --bpw 3.7 && python lora.py && "
-          "python lora.py --task pydoc --init recovery && python lora.py --task pydoc --init zero && "
-          "python export_ane.py && python bench.py --only sweep --table")
-MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def _load(out_dir, name):
-    path = os.path.join(out_dir, name)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def results_table(out_dir: str = "out") -> str:
-    """A Markdown table of what each step of the recipe cost and gained, from out/*.json alone."""
-    tr, pal = _load(out_dir, "train.json"), _load(out_dir, "palettize.json")
-    sweep = (_load(out_dir, "bench.json") or {}).get("sweep", {}).get("rows", [])
-    rec = _load(out_dir, "lora_recovery.json")
-    feats = {i: _load(out_dir, f"lora_pydoc_{i}.json") for i in ("recovery", "zero")}
-    exp = _load(out_dir, "export.json")
-    mb = lambda b: f"{b / 1e6:.2f} MB"
-    lines = ["| step | model | val bpb (bible) | bytes | command |", "|---|---|---|---|---|"]
-    if tr:
-        lines.append(f"| train | `{tr['config']['name']}` float, {tr['params'] / 1e6:.2f}M params, {tr['iters']} steps, "
-                     f"{tr['seconds']:.0f} s, {tr['tokens_per_second']:,.0f} tok/s | {tr['val_bpb']:.4f} | "
-                     f"{mb(pal['float_bytes']) + ' (fp16)' if pal else ''} | `python train.py` |")
-    if pal:
-        for row in sweep:
-            lines.append(f"| palettize | uniform {row['bits']}-bit, {row['bits_per_weight']:.2f} bits/weight | "
-                         f"{row['val_bpb']:.4f} ({row['val_bpb'] / pal['val_bpb_float'] - 1:+.2%}) | "
-                         f"{mb(row['model_bytes'])} | `{row['command']}` |")
-        how = "Fisher-weighted k-means" if pal.get("sensitivity") else "k-means"
-        lines.append(f"| palettize | mixed 2/4-bit, {pal['bits_per_weight']:.2f} bits/weight, {how} | "
-                     f"{pal['val_bpb_palettized']:.4f} ({pal['val_bpb_palettized'] / pal['val_bpb_float'] - 1:+.2%}) | "
-                     f"{mb(pal['model_bytes'])} | `python palettize.py --bpw 3.7` |")
-    if rec:
-        matched = ""
-        if rec.get("gap_closed_matched") is not None and rec.get("loss") != "kl":
-            matched = (f"; the float model given the same adapter training reaches {rec['val_bpb_float_adapted']:.4f}, "
-                       f"so {rec['gap_closed_matched']:.0%} of the gap is closed against it")
-        lines.append(f"| recovery adapter | rank {rec['rank']} LoRA on the {rec['base_bits_per_weight']:.2f}-bit base, "
-                     f"{rec['iters']} steps, {rec['seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, "
-                     f"closes {rec['gap_closed']:.0%} of the gap{matched} | +{mb(rec['adapter_bytes'])} | "
-                     f"`python lora.py` |")
-    if exp:
-        floor = f", floor {exp['floor_over_ideal']:.2f}x" if exp.get("floor_over_ideal") else ""
-        lines.append(f"| export | Core ML package ({', '.join(exp['functions'])}) | max logit diff "
-                     f"{exp['max_abs_logit_diff']:.3f}, argmax agreement {exp['argmax_agreement']:.1%} | "
-                     f"{mb(exp['package_bytes'])} (ideal {mb(exp['ideal_bytes'])}{floor}; fp16 model "
-                     f"{mb(pal['float_bytes']) if pal else '?'} without adapters) | `python export_ane.py` |")
-    out = "\n".join(lines)
-    if all(feats.values()):
-        steps = sorted(set(feats["recovery"]["val_bpb_by_step"]) & set(feats["zero"]["val_bpb_by_step"]), key=int)
-        out += ("\n\nFeature adapter on Python's documentation (`pydoc` validation bpb; same steps and seed; "
-                "`python lora.py --task pydoc --init recovery` / `--init zero`):\n\n"
-                "| init | " + " | ".join(f"step {s}" for s in steps) + " | bible bpb after |\n"
-                "|---|" + "---|" * (len(steps) + 1) + "\n")
-        for i, f in feats.items():
-            out += (f"| {i} | " + " | ".join(f"{f['val_bpb_by_step'][s]:.4f}" for s in steps)
-                    + f" | {f['bible_val_bpb_end']:.4f} |\n")
-    return out.rstrip("\n")
-
-
-def write_table(out_dir: str = "out", readme: str = "README.md") -> str:
-    """Print the table and put it into the README between the results markers, with date, machine, command."""
-    body = results_table(out_dir)
-    stamp = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs, "
-             f"torch {torch.__version__}, with:\n\n```bash\n{RECIPE}\n```\n\n")
-    print(body)
-    if os.path.isfile(readme):
-        with open(readme) as f:
-            text = f.read()
-        if MARK_BEGIN in text and MARK_END in text:
-            head, rest = text.split(MARK_BEGIN, 1)
-            tail = rest.split(MARK_END, 1)[1]
-            with open(readme + ".tmp", "w") as f:
-                f.write(f"{head}{MARK_BEGIN}\n{stamp}{body}\n{MARK_END}{tail}")
-            os.replace(readme + ".tmp", readme)
-            print(f"updated the results table in {readme}")
-    return body
-
-# ----------------------------------------------------------------------------------------------------------
-
-SECTIONS = {"palettize": bench_palettize, "sweep": bench_sweep, "train": bench_train, "generate": bench_generate, "export": bench_export,
-            "afm": bench_afm}
+SECTIONS = {"palettize": bench_palettize, "train": bench_train, "generate": bench_generate, "afm": bench_afm}
 
 
 def main(argv=None):
@@ -321,12 +205,7 @@ def main(argv=None):
     ap.add_argument("--shapes", default="3072x3072,8192x3072", help="weight shapes of the palettize section")
     ap.add_argument("--afm-layers", type=int, default=None,
                     help="afm section: palettize only the first N of the 26 layers (a quick check off the GPU)")
-    ap.add_argument("--table", action="store_true",
-                    help="print the recipe's results table from OUT_DIR/*.json and write it into README.md")
     args = ap.parse_args(argv)
-    if args.table and not args.only:
-        write_table(args.out_dir)
-        return {}
     try:
         args.shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     except ValueError:
@@ -337,7 +216,7 @@ def main(argv=None):
         if bad:
             raise SystemExit(f"error: unknown section {bad[0]!r} (choose from {', '.join(SECTIONS)})")
     else:
-        names = [s for s in SECTIONS if s != "sweep" and (s != "afm" or args.device.startswith("cuda"))]
+        names = [s for s in SECTIONS if s != "afm" or args.device.startswith("cuda")]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
     path = os.path.join(args.out_dir, "bench.json")
@@ -354,8 +233,6 @@ def main(argv=None):
                       f"{os.cpu_count()} cpus", command="python bench.py " + " ".join(argv or []))
         report[name] = result
         save_json(path, report)
-    if args.table:
-        write_table(args.out_dir)
     return report
 
 

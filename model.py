@@ -309,9 +309,9 @@ def save_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: str, kind: str = "model", map_location="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint with `kind=...` in it. Raises CheckpointError with a
-    one-line message for a missing, truncated or foreign file, or one of another kind."""
+def load_checkpoint(path: str, kind: str | None = "model", map_location="cpu") -> dict:
+    """Load a checkpoint written by save_checkpoint with `kind=...` in it (any kind if None). Raises
+    CheckpointError with a one-line message for a missing, truncated or foreign file, or one of another kind."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -320,7 +320,7 @@ def load_checkpoint(path: str, kind: str = "model", map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project")
-    if ckpt["kind"] != kind:
+    if kind is not None and ckpt["kind"] != kind:
         raise CheckpointError(f"{path}: holds a {ckpt['kind']!r} checkpoint, expected {kind!r}")
     return ckpt
 
