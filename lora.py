@@ -238,7 +238,7 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     if loss != "ce" and teacher is None:
         raise AdapterError(f"--loss {loss} needs a teacher model")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    fwd = model if world == 1 else nn.parallel.DistributedDataParallel(   # the frozen base is the same everywhere
+    fwd = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(   # the frozen base is the same everywhere
         model, device_ids=[device] if str(device).startswith("cuda") else None, broadcast_buffers=False)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -260,7 +260,7 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
             step_loss.backward()
             opt.step()
             step_loss = step_loss.detach()
-            if world > 1:
+            if dist.is_initialized():
                 dist.all_reduce(step_loss)
                 step_loss /= world
             losses.append(step_loss.item())

@@ -202,7 +202,8 @@ def main(argv=None) -> dict:
     B, T, accum, iters = s["batch_size"], s["seq_len"], s["grad_accum"], s["iters"]
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     bf16 = torch.bfloat16 if dtype == "bfloat16" else None
-    sharded, ddp = args.fsdp and world > 1, world > 1 and not args.fsdp
+    # under torchrun (even with one process, to measure it) DDP or FSDP2; a plain run takes neither path
+    sharded, ddp = dist.is_initialized() and args.fsdp, dist.is_initialized() and not args.fsdp
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -296,7 +297,7 @@ def main(argv=None) -> dict:
                     (stop and world == 1)):
                 continue
             t = torch.stack(pending).float()                           # one sync per log
-            if world > 1:
+            if dist.is_initialized():
                 dist.all_reduce(t)
                 t /= world
             losses.extend(t.tolist())
@@ -358,7 +359,7 @@ def main(argv=None) -> dict:
         print(f"val loss {r['loss']:.4f} nats/token, val bpb {r['bpb']:.4f}; {report['tokens_per_second']:,.0f} "
               f"tokens/s" + (f", MFU {report['mfu']:.1%}" if "mfu" in report else "")
               + f"; {report['seconds']:.0f} s\nsample: {text!r}\nwrote {args.out_dir}/ckpt.pt and train.json")
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return report if leader else {}
 
