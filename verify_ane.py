@@ -1,0 +1,377 @@
+"""
+verify_ane.py -- checks a Core ML package written by export_ane.py without a Mac, and counts its bytes.
+
+Backs what section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075) asks of the on-device package:
+palettize.py's LUTs and indices are in it bit for bit (check_weights), it computes what the PyTorch model
+computes (NumpyProgram runs each function op by op in numpy; compare_logits, prefill + decode steps), and an
+adapter costs about its own fp16 bytes (bytes_report). On macOS, Core ML's predict() runs too (predict_check).
+Not needed to understand the export: read export_ane.py for that.
+
+Run: `python export_ane.py` calls package_report() on the package it wrote (`--no-verify` skips the checks;
+the byte counts are always made). Tests: `python -m pytest -q tests/test_verify_ane.py`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import platform
+import re
+import time
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import DataError, encode, load_text
+from lora import load_adapter, remove_adapters
+
+TOLERANCE = 0.02   # x the largest |logit|: fp16 keeps 11 bits; dozens of layers of rounding stay within ~1%
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence coremltools' notices, warnings and progress bars (our stages report progress instead)."""
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+with quiet():   # at import: "torch 2.13 is untested", "libcoremlpython is missing" -- both harmless here
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as _load_mil_proto
+    from coremltools.converters.mil.mil import types as mil_types
+logging.getLogger("coremltools").setLevel(logging.ERROR)
+
+
+class VerifyError(Exception):
+    """The package cannot be checked (an op without numpy semantics); the message is one line."""
+
+
+def mil_name(name: str) -> str:
+    """The name Core ML keeps for an op: "layers.0.attn.q_proj.weight" -> "layers_0_attn_q_proj_weight"."""
+    return re.sub(r"\W", "_", name)
+
+
+def read_package(path: str):
+    """The saved .mlpackage as a MIL program with all its functions (no Core ML runtime needed)."""
+    with quiet():
+        spec = ct.utils.load_spec(path)
+        return _load_mil_proto(spec, spec.specificationVersion, os.path.join(path, "Data", "com.apple.CoreML",
+                                                                             "weights"))
+
+
+def _same(a, b) -> bool:
+    """Bit-for-bit equality of two arrays, shape and dtype included."""
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def check_weights(prog, weights: dict, emb: dict) -> dict:
+    """Every function's LUTs, indices, fp16 weights and embedding vs ours, bit for bit: {lut_exact, ...}."""
+    lut_layers, problems = set(), []
+    for fname, func in prog.functions.items():
+        held = {}
+        for op in func.operations:
+            if op.op_type in ("constexpr_lut_to_dense", "const", "constexpr_blockwise_shift_scale"):
+                held.setdefault(op.name, []).append(op)
+        for name, w in [*weights.items(), ("tok_emb", emb)]:
+            ops = held.get(mil_name(f"{name}.weight"), [])
+            op, kind = (ops[0], ops[0].op_type) if len(ops) == 1 else (None, f"{len(ops)} ops")
+            if w.get("lut") is not None:      # the LUT as put_weights shapes it; the indices as uint{bits}
+                lut = w["lut"].numpy()
+                ok = kind == "constexpr_lut_to_dense" \
+                    and _same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
+                    and mil_types.builtin_to_string(op.indices.dtype) == f"uint{w['bits']}" \
+                    and _same(np.asarray(op.indices.val, np.uint8), w["indices"].numpy()[:, :, None, None])
+                lut_layers.update([name] if ok else [])
+            elif w.get("int8") is not None:
+                ok = kind == "constexpr_blockwise_shift_scale" and _same(op.scale.val, w["scale"].numpy()) \
+                    and _same(op.data.val.astype(np.int8), w["int8"].numpy())
+            else:
+                dense = w["dense"].numpy()
+                ok = kind == "const" and _same(op.outputs[0].val.reshape(dense.shape), dense)
+            if ok and name == "tok_emb":      # one constant for the token lookup and the tied head
+                ok = {"gather", "linear"} <= {c.op_type for c in op.outputs[0].child_ops}
+            if not ok:
+                problems.append(f"{fname}: {name}.weight ({kind}) is not ours bit for bit, or not shared")
+    n_lut = sum(w["lut"] is not None for w in weights.values())
+    return {"lut_exact": (not problems and len(lut_layers) == n_lut) if n_lut else None,
+            "lut_layers": len(lut_layers), "problems": problems}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running one function of the program in numpy
+
+def _f32(a) -> np.ndarray:
+    """The array in fp32: ops read fp16 values and accumulate in fp32."""
+    return np.asarray(a, dtype=np.float32)
+
+
+class NumpyProgram:
+    """Runs one function of a MIL program op by op in numpy: each op's own value_inference() (coremltools'
+    numpy semantics), plus our own conv / matmul / linear / silu and the state ops, which have none.
+    Every op reads fp16 values, computes in fp32 and rounds to the declared fp16: fp16 storage with wider
+    accumulation, as on the Neural Engine (whose exact rounding is not reproduced)."""
+
+    def __init__(self, func):
+        self.func, self.consts = func, {}
+        for op in func.operations:             # constants and decompressed constexpr weights, once
+            if op.op_type == "const":
+                val = op.outputs[0].val
+                self.consts[op.outputs[0].name] = bool(val) if isinstance(val, np.bool_) else val
+            elif op.op_type.startswith("constexpr_"):
+                self.consts[op.outputs[0].name] = op.materialized_val_inference()
+
+    @staticmethod
+    def own_op_value(op, v) -> np.ndarray:
+        """conv (1x1), matmul, linear or silu, which have no value_inference(); v(var) -> its array."""
+        t, x = op.op_type, _f32(v(op.x))
+        if t == "silu":
+            return x * 0.5 * (1 + np.tanh(x / 2))
+        if t == "matmul":
+            x, y = [a.swapaxes(-1, -2) if flag.val else a for a, flag in
+                    ((x, op.transpose_x), (_f32(v(op.y)), op.transpose_y))]
+            return x @ y
+        w, bias = _f32(v(op.weight)), _f32(0 if op.bias is None else op.bias.val)
+        if t == "linear":
+            return x @ w.T + bias
+        if w.shape[2:] != (1, 1) or np.any(getattr(op.groups, "val", 1) != 1) \
+                or np.any(getattr(op.strides, "val", 1) != 1):
+            raise VerifyError(f"numpy run: conv {op.name} is not a plain 1x1 convolution")
+        return np.einsum("oi,bihw->bohw", w[:, :, 0, 0], x) + bias.reshape(1, -1, 1, 1)
+
+    def __call__(self, inputs: dict, states: dict) -> dict:
+        """The function's outputs {name: array}; `states` ({name: array}) are read and updated in place."""
+        env = dict(self.consts)
+        for name, var in self.func.inputs.items():
+            if name in inputs:
+                env[name] = np.asarray(inputs[name]).astype(mil_types.nptype_from_builtin(var.dtype))
+        v = lambda var: env[var.name]                                    # noqa: E731
+        for op in self.func.operations:
+            t = op.op_type
+            if t == "const" or t.startswith("constexpr_"):
+                continue
+            if t == "read_state":
+                out = states[op.input.name].copy()
+            elif t == "coreml_update_state":
+                states[op.state.name] = out = v(op.value).copy()
+            elif t in ("conv", "matmul", "linear", "silu"):
+                out = self.own_op_value(op, v)
+            else:
+                bound = [(var, var._sym_val) for var in op.get_flattened_inputs()]   # restored below
+                for var, _ in bound:
+                    val = env[var.name]
+                    var._sym_val = SimpleNamespace(val=_f32(val) if getattr(val, "dtype", 0) == np.float16
+                                                   else val)
+                try:
+                    out = op.value_inference()
+                finally:
+                    for var, old in bound:
+                        var._sym_val = old
+                if out is None:
+                    raise VerifyError(f"numpy run: no numpy semantics for op {t} ({op.name})")
+            for var, val in zip(op.outputs, out if len(op.outputs) > 1 else (out,)):
+                env[var.name] = np.asarray(val).astype(mil_types.nptype_from_builtin(var.dtype))
+        return {var.name: env[var.name] for var in self.func.outputs}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against PyTorch
+
+def verify_text(vocab_size: int, n: int) -> torch.Tensor:
+    """n tokens of real text to run both models on: the Bible, or Python's docs when that is missing."""
+    try:
+        text = load_text("bible")
+    except DataError:
+        text = load_text("pydoc")
+    return encode(text[len(text) // 3:len(text) // 3 + 4 * n])[:n].long() % vocab_size
+
+
+@contextlib.contextmanager
+def _adapter_on(model, adapter):
+    """The PyTorch model with the adapter file attached for the duration (None: the base alone)."""
+    if adapter is not None:
+        load_adapter(adapter["path"], model)
+    try:
+        yield model
+    finally:
+        if adapter is not None:
+            remove_adapters(model)
+
+
+def compare_logits(run_pre, run_dec, new_states, model, tokens, prefill_len: int, lengths, steps: int,
+                   bar=None) -> list[tuple]:
+    """For each prompt length L: prefill tokens[:L] (padded to prefill_len), then `steps` decode steps fed
+    with the next true tokens, through run_pre/run_dec(inputs, states) -> logits and through `model` (one
+    forward, no cache). Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|)."""
+    rows = []
+    for L in lengths:
+        states = new_states()
+        padded = np.zeros((1, prefill_len), np.int32)
+        padded[0, :L] = tokens[:L].numpy()
+        got = [run_pre({"tokens": padded, "length": np.array([L], np.int32)}, states)]
+        for pos in range(L, L + steps):
+            got.append(run_dec({"token": np.array([[int(tokens[pos])]], np.int32),
+                                "pos": np.array([pos], np.int32)}, states))
+            if bar is not None:
+                bar.update(1)
+        with torch.no_grad():   # the plain model on the whole sequence: logits at L-1 .. L-1+steps
+            want = model(tokens[None, :L + steps])[0, L - 1:]
+        for g, w in zip(got, want):
+            g, w = _f32(g).reshape(-1), w.reshape(-1).float().numpy()
+            second, first = np.partition(w, -2)[-2:]
+            rows.append((float(np.abs(g - w).max()), bool(g.argmax() == w.argmax()), float(first - second),
+                         float(np.abs(w).max())))
+    return rows
+
+
+def logit_verdict(rows) -> dict:
+    """export.json's logit figures from compare_logits' rows; the argmax is judged only where PyTorch's
+    top-2 margin exceeds the tolerance (a near-tie may flip in fp16 rounding); "verify_error" on failure."""
+    diffs, agrees, margins, refs = zip(*rows)
+    tol = TOLERANCE * max(1.0, *refs)
+    judged = [a for a, m in zip(agrees, margins) if m > tol]
+    agreement = sum(judged) / len(judged) if judged else 1.0   # nothing to judge: nothing disagreed
+    r = {"max_abs_logit_diff": max(diffs), "logit_tolerance": tol, "max_abs_logit": max(refs),
+         "argmax_agreement": agreement, "argmax_judged": len(judged), "argmax_margin_threshold": tol,
+         "compared_logits": len(rows)}
+    if r["max_abs_logit_diff"] > tol or agreement < 0.99:
+        r["verify_error"] = (f"verification: numpy run of the package differs from PyTorch (max |logit diff| "
+                             f"{max(diffs):.4f}, tolerance {tol:.4f}; argmax agreement {agreement:.1%} over "
+                             f"{len(judged)} of {len(rows)} positions, those with top-2 margin > {tol:.4f})")
+    return r
+
+
+def predict_check(path: str, pairs, model, tokens, prefill_len: int) -> dict:
+    """Core ML's own predict() on macOS, on one prompt per function pair; elsewhere it is skipped."""
+    if platform.system() != "Darwin":
+        return {"predict": "skipped (Core ML predict() needs macOS; the numpy run stands in for it)"}
+    try:
+        rows = []
+        for pre, dec, ad in pairs:
+            mp = ct.models.MLModel(path, function_name=pre, compute_units=ct.ComputeUnit.CPU_AND_NE)
+            md = ct.models.MLModel(path, function_name=dec, compute_units=ct.ComputeUnit.CPU_AND_NE)
+            with _adapter_on(model, ad):
+                rows += compare_logits(lambda i, st: mp.predict(i, state=st)["logits"],
+                                       lambda i, st: md.predict(i, state=st)["logits"], mp.make_state,
+                                       model, tokens, prefill_len, [max(1, prefill_len // 2)], 4)
+        return {"predict": "ok", "predict_max_abs_logit_diff": max(r[0] for r in rows),
+                "predict_argmax_agreement": sum(r[1] for r in rows) / len(rows)}
+    except Exception as e:
+        return {"predict": f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
+
+
+def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, context: int) -> dict:
+    """numpy run of every prefill/decode pair vs PyTorch, plus predict() on macOS: logit_verdict's figures."""
+    steps = max(0, min(8, context - prefill_len))
+    lengths = sorted({prefill_len, max(1, prefill_len // 2 + 1), max(1, prefill_len // 4)})
+    tokens = verify_text(model.config.vocab_size, prefill_len + steps)
+    pairs = [("prefill", "decode", None)] + [(f"prefill_{a['name']}", f"decode_{a['name']}", a)
+                                              for a in adapter_list]
+    shape = tuple(pkg.functions["prefill"].inputs["k_cache"].shape)
+    new_states = lambda: {n: np.zeros(shape, np.float16) for n in ("k_cache", "v_cache")}  # noqa: E731
+    rows = []
+    with tqdm(total=len(pairs) * len(lengths) * steps, desc="verify (numpy vs PyTorch)", unit="step") as bar:
+        for pre, dec, ad in pairs:
+            run_pre, run_dec = NumpyProgram(pkg.functions[pre]), NumpyProgram(pkg.functions[dec])
+            with _adapter_on(model, ad):
+                rows += compare_logits(lambda i, s: run_pre(i, s)["logits"],
+                                       lambda i, s: run_dec(i, s)["logits"], new_states, model, tokens,
+                                       prefill_len, lengths, steps, bar)
+    return {**logit_verdict(rows), **predict_check(pkg_path, pairs, model, tokens, prefill_len)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bytes
+
+def dir_bytes(path: str) -> int:
+    """Total size of the files under `path`."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def ideal_bytes(model, weights: dict, emb: dict) -> int:
+    """Bytes of the base as palettize.py stores it: packed indices + fp16 LUTs + int8 embedding and fp16
+    scales + the norm gains in fp16. An fp16 export: every weight in fp16."""
+    n = sum(math.ceil(w["indices"].numel() * w["bits"] / 8) + 2 * w["lut"].numel() if w["lut"] is not None
+            else 2 * w["dense"].numel() for w in weights.values())
+    n += 2 * emb["dense"].numel() if emb["int8"] is None else emb["int8"].numel() + 2 * emb["scale"].numel()
+    return n + sum(2 * v.numel() for k, v in model.state_dict().items() if k.endswith("norm.weight"))
+
+
+def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
+    """(program + description bytes of the functions `fnames`, bytes of the weight blobs -- 64-byte header +
+    data, 64-aligned -- that only they use, bytes of their ops that declare weights: constexpr ops and
+    blob-backed consts). The last is a floor: every function must declare the weights it reads."""
+    blobs, decl = {}, {}
+    for name, f in spec.mlProgram.functions.items():
+        blobs[name], decl[name] = set(), 0
+        for op in (op for block in f.block_specializations.values() for op in block.operations):
+            vals = [*op.attributes.values(), *(b.value for arg in op.inputs.values() for b in arg.arguments)]
+            backed = [val.blobFileValue.offset for val in vals if val.HasField("blobFileValue")]
+            blobs[name].update(backed)
+            decl[name] += op.ByteSize() if backed or op.type.startswith("constexpr_") else 0
+    mine = set().union(*(blobs[f] for f in fnames))
+    mine -= set().union(*(b for f, b in blobs.items() if f not in fnames))
+    program = sum(spec.mlProgram.functions[f].ByteSize() for f in fnames)
+    program += sum(d.ByteSize() for d in spec.description.functions if d.name in fnames)
+    weights = 0
+    with open(os.path.join(path, "Data", "com.apple.CoreML", "weights", "weight.bin"), "rb") as fh:
+        for off in mine:
+            fh.seek(off + 8)                                        # the blob's data size, after its header
+            weights += 64 + (int.from_bytes(fh.read(8), "little") + 63) // 64 * 64
+    return program, weights, sum(decl[f] for f in fnames)
+
+
+def bytes_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list) -> dict:
+    """Package, weight file and program bytes; the ideal (palettize.py's bytes + adapters in fp16); the floor
+    (weight file + every function's weight declarations); what each adapter's two functions add."""
+    core = os.path.join(pkg_path, "Data", "com.apple.CoreML")
+    r = {"package_bytes": dir_bytes(pkg_path), "weight_bytes": dir_bytes(os.path.join(core, "weights")),
+         "program_bytes": os.path.getsize(os.path.join(core, "model.mlmodel")), "adapters": {}}
+    r["other_bytes"] = r["package_bytes"] - r["weight_bytes"] - r["program_bytes"]
+    ideal, spec = ideal_bytes(model, weights, emb), ct.utils.load_spec(pkg_path)
+    for ad in adapter_list:
+        fp16 = sum(2 * (A.numel() + B.numel()) for A, B in ad["tensors"].values())
+        prog, blob, decl = function_bytes(spec, pkg_path, [f"prefill_{ad['name']}", f"decode_{ad['name']}"])
+        r["adapters"][ad["name"]] = {
+            "path": ad["path"], "fp16_bytes": fp16, "added_bytes": prog + blob,
+            "added_over_fp16": round((prog + blob) / fp16, 4), "added_weight_bytes": blob,
+            "added_program_bytes": prog, "added_floor_bytes": blob + decl,
+            "floor_over_fp16": round((blob + decl) / fp16, 4)}
+        ideal += fp16
+    # A function cannot read another's weight declarations: when the floor is above 1.03 x ideal, as on `tiny`
+    # with 8 functions, no rewrite of the compute ops can meet that bound.
+    decl = function_bytes(spec, pkg_path, [f.name for f in spec.description.functions])[2]
+    return {**r, "ideal_bytes": ideal, "package_over_ideal": round(r["package_bytes"] / ideal, 4),
+            "weights_over_ideal": round(r["weight_bytes"] / ideal, 4), "weight_declaration_bytes": decl,
+            "floor_bytes": r["weight_bytes"] + decl,
+            "floor_over_ideal": round((r["weight_bytes"] + decl) / ideal, 4)}
+
+
+def package_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list, prefill_len: int,
+                   context: int, verify: bool = True, stage_s: dict | None = None) -> dict:
+    """The export's entry point: bytes_report, then (verify) LUTs bit for bit and logits vs PyTorch. It says
+    "verified", and "verify_error" (one line) when a check failed. Times its stages into `stage_s`."""
+    r, stage_s = bytes_report(pkg_path, model, weights, emb, adapter_list), {} if stage_s is None else stage_s
+    if not verify:
+        return {**r, "verified": False, "lut_exact": None, "lut_layers": None, "max_abs_logit_diff": None,
+                "argmax_agreement": None, "predict": "skipped (--no-verify)"}
+    t = time.time()
+    pkg = read_package(pkg_path)
+    check = check_weights(pkg, weights, emb)
+    r.update(lut_exact=check["lut_exact"], lut_layers=check["lut_layers"])
+    stage_s["verify_weights"], t = time.time() - t, time.time()
+    if check["problems"]:
+        return {**r, "verified": False,
+                "verify_error": f"verification: {check['problems'][0]} ({len(check['problems'])} problem(s))"}
+    try:
+        r.update(logit_report(pkg, pkg_path, model, adapter_list, prefill_len, context))
+    except VerifyError as e:
+        r["verify_error"] = str(e)
+    stage_s["verify_numpy"] = time.time() - t
+    return {**r, "verified": "verify_error" not in r}
