@@ -1,20 +1,14 @@
 """
-model.py -- the AFM-style decoder-only transformer.
+model.py -- the AFM-style decoder-only transformer, and what every later script shares.
 
 Follows section 2 ("Architecture") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
-(arXiv 2407.21075): a dense decoder with
-  * one embedding matrix shared by the input lookup and the output projection,
-  * pre-normalisation with RMSNorm,
-  * query/key normalisation,
-  * grouped-query attention (8 key/value heads in AFM-on-device),
-  * a SwiGLU feed-forward layer,
-  * RoPE positions with base frequency 500,000.
+(arXiv 2407.21075): a dense decoder with one embedding matrix shared by the input lookup and the output head,
+pre-normalisation with RMSNorm, query/key normalisation, grouped-query attention (8 key/value heads in
+AFM-on-device), a SwiGLU feed-forward layer, and RoPE positions with base frequency 500,000. Also here: the
+config dataclass, KV-cached generation, the checkpoint format (atomic save, config inside, loaded with
+`weights_only=True`), and the process setup that train.py and lora.py share under torchrun.
 
-It also holds the pieces every later script shares: the config dataclass, KV-cached generation and the
-checkpoint format (atomic save, config inside, `torch.load(weights_only=True)`).
-
-Run `python model.py` to print every named config with its parameter counts (counted on the meta device,
-so the 3B `afm-on-device` config costs no memory).
+    python model.py          # every named config with its parameter counts (on the meta device: no memory)
 """
 from __future__ import annotations
 
@@ -22,6 +16,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import tempfile
 from dataclasses import asdict, dataclass, fields
 
@@ -57,9 +52,9 @@ class ModelConfig:
 
 
 CONFIGS: dict[str, ModelConfig] = {
-    # Trains on 2 CPU cores in minutes (train.py's default). Chosen by measurement on the Bible at equal CPU time:
-    # d=192 x 4 layers (1.6M params, 4.0M tokens) reached 1.59 bits/byte, d=256 x 4 (3.1M, 2.6M tokens) 1.65;
-    # at equal tokens 4 layers matched 6 (d=256), so the budget goes to tokens. Multiples of 16 for palettization.
+    # Trains on 2 CPU cores in minutes (train.py's default). Measured on the Bible at equal CPU time: d=192
+    # x 4 layers (1.6M params, 4.0M tokens) reached 1.59 bits/byte, d=256 x 4 (3.1M, 2.6M tokens) 1.65; at
+    # equal tokens 4 layers matched 6, so the budget goes to tokens. Widths are multiples of 16 (palettization).
     "tiny": ModelConfig(name="tiny", dim=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
                         ffn_dim=512, max_seq_len=128),
     # ~140M parameters, for one GPU.
@@ -73,6 +68,7 @@ CONFIGS: dict[str, ModelConfig] = {
 
 
 def get_config(name: str) -> ModelConfig:
+    """The named config, or a one-line ValueError listing the names."""
     if name not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; choose one of {', '.join(CONFIGS)}")
     return CONFIGS[name]
@@ -89,7 +85,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
+    def forward(self, x):                                             # (..., dim)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -101,10 +97,8 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate pairs (x[..., i], x[..., i + head_dim/2]) by position-dependent angles.
-
-    x: (B, n_heads, T, head_dim); cos, sin: (T, head_dim // 2).
-    """
+    """x (B, heads, T, head_dim) with each pair (x[..., i], x[..., i + head_dim/2]) rotated by its position's
+    angle; cos, sin: (T, head_dim // 2)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
@@ -140,12 +134,11 @@ class Attention(nn.Module):
             v_cache[:B, :, pos:pos + T] = v
             k, v = k_cache[:B, :, :pos + T], v_cache[:B, :, :pos + T]
             # query i sits at absolute position pos+i and may see keys 0..pos+i
-            causal = False
-            mask = None if T == 1 else (
-                torch.arange(pos + T, device=x.device)[None, :] <= torch.arange(pos, pos + T, device=x.device)[:, None])
+            causal, t = False, torch.arange(pos + T, device=x.device)
+            mask = None if T == 1 else t[None, :] <= t[pos:, None]
         # AFM: grouped-query attention -- each K/V head serves n_heads / n_kv_heads query heads.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, n_heads, T, head_dim)
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, n_heads, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -158,7 +151,7 @@ class FeedForward(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
-    def forward(self, x):
+    def forward(self, x):                                             # (..., dim)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -187,23 +180,17 @@ class Transformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim // 2)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.apply(self._init_weights)
-        # GPT-2 style: scale the projections that write into the residual stream by 1/sqrt(2 * n_layers).
+        # N(0, 0.02^2); then, as GPT-2, the projections that write into the residual stream / sqrt(2 n_layers)
+        for p in self.parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=0.02)
         for name, p in self.named_parameters():
             if name.endswith(("o_proj.weight", "down_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
 
     def forward(self, tokens, cache=None, pos: int = 0):
-        """tokens: (B, T) int64 -> logits (B, T, vocab_size).
-
-        With `cache` (from `new_cache`), the tokens sit at positions [pos, pos + T) and their keys/values
-        are written into the cache, so decoding one token at a time costs O(T) instead of O(T^2).
-        """
+        """tokens (B, T) int64 -> logits (B, T, vocab_size). With `cache` (from `new_cache`) the tokens sit at
+        positions [pos, pos + T) and their keys/values go into the cache: a decoding step costs O(T), not O(T^2)."""
         B, T = tokens.shape
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
@@ -216,27 +203,27 @@ class Transformer(nn.Module):
 
     def new_cache(self, batch_size: int = 1, device=None, dtype=None):
         """One (k, v) pair per layer, each (B, n_kv_heads, max_seq_len, head_dim), zero-filled."""
-        c = self.config
-        p = self.tok_emb.weight
+        c, p = self.config, self.tok_emb.weight
         shape = (batch_size, c.n_kv_heads, c.max_seq_len, c.head_dim)
-        return [(torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype),
-                 torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype)) for _ in self.layers]
+        return [tuple(torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype) for _ in "kv")
+                for _ in self.layers]
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None, use_cache: bool = True):
-        """Extend `tokens` (B, T) by `max_new_tokens`. temperature 0 is greedy; otherwise sample from the
-        softmax at that temperature, restricted to the `top_k` most likely tokens when given.
-        With `use_cache=False` every step recomputes the whole prefix (for benchmarking the cache)."""
+                 generator: torch.Generator | None = None, use_cache: bool = True, stop=()):
+        """`tokens` (B, T) extended by up to `max_new_tokens`: greedy at temperature 0, else sampled from the
+        softmax at that temperature among the `top_k` most likely; ends early once every row has drawn a token
+        in `stop`. use_cache=False recomputes the whole prefix at every step (to measure the cache)."""
         if tokens.shape[1] + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt + new tokens exceed max_seq_len={self.config.max_seq_len}")
         cache = self.new_cache(tokens.shape[0]) if use_cache else None
         logits = self(tokens, cache=cache, pos=0)[:, -1]
-        out = tokens
+        out, done = tokens, torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
         for i in range(max_new_tokens):
             nxt = sample(logits, temperature, top_k, generator)        # (B, 1)
             out = torch.cat([out, nxt], dim=1)
-            if i == max_new_tokens - 1:
+            done |= torch.isin(nxt[:, 0], torch.tensor(list(stop), dtype=nxt.dtype, device=nxt.device))
+            if i == max_new_tokens - 1 or done.all():
                 break
             if use_cache:
                 logits = self(nxt, cache=cache, pos=out.shape[1] - 1)[:, -1]
@@ -246,7 +233,7 @@ class Transformer(nn.Module):
 
 
 def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator=None):
-    """logits (B, V) -> next tokens (B, 1)."""
+    """logits (B, V) -> next tokens (B, 1): the argmax at temperature 0, else drawn as in generate."""
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
@@ -270,10 +257,9 @@ def count_params(config: ModelConfig) -> dict:
 
 def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), PaLM appendix B: 6 N + 12 L H Q T, where N counts every
-    matmul weight including the tied output projection, and the second term is attention scores/values."""
-    n = count_params(config)
-    matmul_params = n["non_embedding_params"] + n["embedding_params"]  # output head uses the embedding
-    return 6 * matmul_params + 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    matmul weight (the tied output head too) and the second term is attention's scores and values."""
+    attention = 12 * config.n_layers * config.n_heads * config.head_dim * seq_len
+    return 6 * count_params(config)["params"] + attention
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,35 +269,33 @@ class CheckpointError(Exception):
     """A checkpoint that is missing, truncated or not ours. The message is one line naming the file."""
 
 
-def save_checkpoint(path: str, **payload) -> None:
-    """Write `payload` (tensors, dicts, numbers, strings) atomically: a temporary file, then rename.
-    An interrupted save never leaves a half-written file at `path`."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
+def _write_atomically(path: str, write) -> None:
+    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path`: an interrupted write
+    never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".part")
     os.close(fd)
     try:
-        torch.save(payload, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+def save_checkpoint(path: str, **payload) -> None:
+    """Write `payload` (tensors, dicts, numbers, strings) to `path` atomically."""
+    _write_atomically(path, lambda tmp: torch.save(payload, tmp))
+
+
 def save_json(path: str, obj) -> None:
-    """Write a JSON report atomically (temporary file, then rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write a JSON report to `path` atomically."""
+    _write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def load_checkpoint(path: str, kind: str | None = "model", map_location="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint with `kind=...` in it (any kind if None). Raises
-    CheckpointError with a one-line message for a missing, truncated or foreign file, or one of another kind."""
+    """Load a checkpoint written by save_checkpoint with `kind=...` in it (any kind if None). Raises a one-line
+    CheckpointError for a missing, truncated or foreign file, or one of another kind."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -326,14 +310,15 @@ def load_checkpoint(path: str, kind: str | None = "model", map_location="cpu") -
 
 
 def config_from_dict(d: dict) -> ModelConfig:
+    """The ModelConfig a checkpoint stored as a dict (keys it does not know are ignored)."""
     names = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in d.items() if k in names})
 
 
 def save_model(path: str, model: Transformer, state_dict: dict | None = None, **extra) -> None:
-    """Save a float model: its weights (or `state_dict`, e.g. gathered from shards), its config, and anything in
-    `extra` (optimizer state ...)."""
-    save_checkpoint(path, kind="model", config=asdict(model.config), model=state_dict or model.state_dict(), **extra)
+    """Save a float model: its weights (or `state_dict`, gathered from shards), its config, and `extra`."""
+    save_checkpoint(path, kind="model", config=asdict(model.config), model=state_dict or model.state_dict(),
+                    **extra)
 
 
 def load_model(path: str, map_location="cpu") -> tuple[Transformer, dict]:
@@ -343,7 +328,7 @@ def load_model(path: str, map_location="cpu") -> tuple[Transformer, dict]:
     try:
         model.load_state_dict(ckpt["model"])
     except (RuntimeError, KeyError) as e:
-        raise CheckpointError(f"{path}: weights do not match the stored config ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: weights do not match its config ({str(e).splitlines()[0]})") from None
     return model.to(map_location), ckpt
 
 
@@ -376,14 +361,14 @@ def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]
 # ----------------------------------------------------------------------------------------------------------
 
 def main():
-    ap = argparse.ArgumentParser(description="Print every named config with its parameter counts.")
-    ap.parse_args()
-    print(f"{'config':<15}{'d':>6}{'layers':>7}{'heads':>6}{'kv':>4}{'ffn':>6}{'vocab':>7}"
-          f"{'total':>15}{'non-embedding':>15}{'embedding':>13}")
+    """Print every named config with its parameter counts."""
+    argparse.ArgumentParser(description="Print every named config with its parameter counts.").parse_args()
+    print(f"{'config':<15}{'d':>6}{'layers':>7}{'heads':>6}{'kv':>4}{'ffn':>6}{'vocab':>7}{'total':>15}"
+          f"{'non-embedding':>15}{'embedding':>13}")
     for name, c in CONFIGS.items():
         n = count_params(c)
-        print(f"{name:<15}{c.dim:>6}{c.n_layers:>7}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>6}{c.vocab_size:>7}"
-              f"{n['params']:>15,}{n['non_embedding_params']:>15,}{n['embedding_params']:>13,}")
+        print(f"{name:<15}{c.dim:>6}{c.n_layers:>7}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>6}"
+              f"{c.vocab_size:>7}{n['params']:>15,}{n['non_embedding_params']:>15,}{n['embedding_params']:>13,}")
 
 
 if __name__ == "__main__":
