@@ -97,6 +97,8 @@ def rope_rotated(x, cos, sin):
 
 
 class AneAttention(nn.Module):
+    """model.Attention on (1, dim, 1, S) activations, the new keys/values handed to a cache callback."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -140,6 +142,8 @@ class AneAttention(nn.Module):
 
 
 class AneFeedForward(nn.Module):
+    """model.FeedForward (SwiGLU) with 1x1 convolutions."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.gate_proj, self.up_proj = Conv1x1(cfg.dim, cfg.ffn_dim), Conv1x1(cfg.dim, cfg.ffn_dim)
@@ -150,6 +154,8 @@ class AneFeedForward(nn.Module):
 
 
 class AneBlock(nn.Module):
+    """model.Block: pre-norm attention and feed-forward, each added to the residual."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm, self.attn = AneNorm(cfg.dim, cfg.norm_eps), AneAttention(cfg)

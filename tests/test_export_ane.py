@@ -275,11 +275,13 @@ def test_replace_is_atomic(tmp_path, monkeypatch):
 # The command line; reported bugs
 
 def test_export_without_qk_norm_verifies(tmp_path):
-    """A Llama-like model (qk_norm=False: no query/key norm, the queries only scaled) exports and verifies."""
+    """A Llama-like model (qk_norm=False: no query/key norm, the queries only scaled) exports and verifies,
+    with an adapter."""
     palettize.save_palettized(str(tmp_path / "palettized.pt"), mixed_bits_model(LLAMA, 2))
+    write_adapter(str(tmp_path / "adapter_chat.pt"), str(tmp_path / "palettized.pt"), "chat", 3)
     r = E.cli(["--out-dir", str(tmp_path), "--prefill-len", "8", "--context", "16"])
-    assert r["verified"] and r["lut_exact"] and r["lut_layers"] == 7
-    assert r["functions"] == ["prefill", "decode"]
+    assert r["verified"] and r["lut_exact"] and r["lut_layers"] == 7 and r["compared_logits"] == 2 * 3 * 9
+    assert r["functions"] == ["prefill", "decode", "prefill_chat", "decode_chat"]
 
 
 def test_help_states_every_default():
