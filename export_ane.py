@@ -570,8 +570,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def cli(argv=None) -> dict:
-    """Parse argv, export, print a summary and return the report; bad input or a failed verification exits
-    with a one-line error (a package that failed verification is kept, and export.json says why)."""
+    """The command line: export, print a summary, return the report; or exit with a one-line error."""
     a = export_parser().parse_args(argv)
     try:
         r = export(a)

@@ -113,10 +113,10 @@ def _f32(a) -> np.ndarray:
 
 
 class NumpyProgram:
-    """Runs one function of a MIL program op by op in numpy: each op's own value_inference() (coremltools'
-    numpy semantics), plus our own conv / matmul / linear / silu and the state ops, which have none.
-    Every op reads fp16 values, computes in fp32 and rounds to the declared fp16: fp16 storage with wider
-    accumulation, as on the Neural Engine (whose exact rounding is not reproduced)."""
+    """One function of a MIL program, run op by op in numpy: program(inputs, states) -> outputs."""
+    # Each op's own value_inference() (coremltools' numpy semantics), plus our conv / matmul / linear / silu
+    # and the state ops, which have none. Every op reads fp16 values, computes in fp32 and rounds to the
+    # declared fp16: fp16 storage, wider accumulation, as on the Neural Engine (its rounding not reproduced).
 
     def __init__(self, func):
         self.func, self.consts = func, {}
@@ -206,9 +206,10 @@ def _adapter_on(model, adapter):
 
 def compare_logits(run_pre, run_dec, new_states, model, tokens, prefill_len: int, lengths, steps: int,
                    bar=None) -> list[tuple]:
-    """For each prompt length L: prefill tokens[:L] (padded to prefill_len), then `steps` decode steps fed
-    with the next true tokens, through run_pre/run_dec(inputs, states) -> logits and through `model` (one
-    forward, no cache). Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|)."""
+    """Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|) of run vs model."""
+    # For each prompt length L: prefill tokens[:L] (padded to prefill_len), then `steps` decode steps fed with
+    # the next true tokens, through run_pre/run_dec(inputs, states) -> logits and through `model` (one forward
+    # over the whole sequence, no cache).
     rows = []
     for L in lengths:
         states = new_states()
@@ -231,8 +232,9 @@ def compare_logits(run_pre, run_dec, new_states, model, tokens, prefill_len: int
 
 
 def logit_verdict(rows) -> dict:
-    """export.json's logit figures from compare_logits' rows; the argmax is judged only where PyTorch's
-    top-2 margin exceeds the tolerance (a near-tie may flip in fp16 rounding); "verify_error" on failure."""
+    """export.json's logit figures from compare_logits' rows, with "verify_error" when they fail."""
+    # The argmax is judged only where PyTorch's top-2 margin exceeds the tolerance: a near-tie may flip under
+    # fp16 rounding without anything being wrong.
     diffs, agrees, margins, refs = zip(*rows)
     tol = TOLERANCE * max(1.0, *refs)
     judged = [a for a, m in zip(agrees, margins) if m > tol]
@@ -295,8 +297,7 @@ def dir_bytes(path: str) -> int:
 
 
 def ideal_bytes(model, weights: dict, emb: dict) -> int:
-    """Bytes of the base as palettize.py stores it: packed indices + fp16 LUTs + int8 embedding and fp16
-    scales + the norm gains in fp16. An fp16 export: every weight in fp16."""
+    """Bytes of the base as palettize.py stores it: packed indices, LUTs, int8 embedding + scales, norms."""
     n = sum(math.ceil(w["indices"].numel() * w["bits"] / 8) + 2 * w["lut"].numel() if w["lut"] is not None
             else 2 * w["dense"].numel() for w in weights.values())
     n += 2 * emb["dense"].numel() if emb["int8"] is None else emb["int8"].numel() + 2 * emb["scale"].numel()
@@ -304,9 +305,9 @@ def ideal_bytes(model, weights: dict, emb: dict) -> int:
 
 
 def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
-    """(program + description bytes of the functions `fnames`, bytes of the weight blobs -- 64-byte header +
-    data, 64-aligned -- that only they use, bytes of their ops that declare weights: constexpr ops and
-    blob-backed consts). The last is a floor: every function must declare the weights it reads."""
+    """(program bytes, bytes of the weight blobs only they use, weight-declaring op bytes) of `fnames`."""
+    # A blob is a 64-byte header + its data, 64-aligned. Weight-declaring ops (constexpr ops, blob-backed
+    # consts) are a floor: every function must declare the weights it reads.
     blobs, decl = {}, {}
     for name, f in spec.mlProgram.functions.items():
         blobs[name], decl[name] = set(), 0
@@ -328,8 +329,7 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
 
 
 def bytes_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list) -> dict:
-    """Package, weight file and program bytes; the ideal (palettize.py's bytes + adapters in fp16); the floor
-    (weight file + every function's weight declarations); what each adapter's two functions add."""
+    """Package bytes against the ideal (palettize.py's + adapters in fp16) and the floor; adapters' bytes."""
     core = os.path.join(pkg_path, "Data", "com.apple.CoreML")
     r = {"package_bytes": dir_bytes(pkg_path), "weight_bytes": dir_bytes(os.path.join(core, "weights")),
          "program_bytes": os.path.getsize(os.path.join(core, "model.mlmodel")), "adapters": {}}
@@ -355,8 +355,7 @@ def bytes_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list) -
 
 def package_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list, prefill_len: int,
                    context: int, verify: bool = True, stage_s: dict | None = None) -> dict:
-    """The export's entry point: bytes_report, then (verify) LUTs bit for bit and logits vs PyTorch. It says
-    "verified", and "verify_error" (one line) when a check failed. Times its stages into `stage_s`."""
+    """The export's entry point: bytes_report, then (verify) check_weights and logit_report; stages timed."""
     r, stage_s = bytes_report(pkg_path, model, weights, emb, adapter_list), {} if stage_s is None else stage_s
     if not verify:
         return {**r, "verified": False, "lut_exact": None, "lut_layers": None, "max_abs_logit_diff": None,
