@@ -1,18 +1,18 @@
 """
-train.py -- pre-train the AFM-style decoder (model.py) on text (data.py), on one CPU, one GPU or many (torchrun).
+train.py -- pre-train the AFM-style decoder (model.py) on text (data.py): one CPU, one GPU, or many GPUs.
 
 Follows section 3 ("Pre-training") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
-(arXiv 2407.21075), scaled down: AdamW with decoupled weight decay, a linear warm-up then cosine decay of the
-learning rate to 0.005x the peak, gradient clipping, fp32 weights with bf16 compute on the GPU, and optional
+(arXiv 2407.21075), scaled down: AdamW with decoupled weight decay, linear warm-up then cosine decay to
+0.005x the peak learning rate, gradient clipping, fp32 weights with bf16 compute on the GPU, and optional
 distillation from a teacher whose top-1 prediction gets weight 0.9 in the target (as for AFM-on-device).
 
     python train.py                                  # `tiny` on the World English Bible, 2 CPU cores, minutes
     python train.py --resume                         # continue an interrupted run from out/ckpt.pt
-    python train.py --config small --device cuda --compile --batch-size 64        # one GPU
+    python train.py --config small --device cuda --compile --batch-size 64                  # one GPU
     torchrun --nproc_per_node 8 train.py --config afm-on-device --compile --batch-size 64   # 8 GPUs, DDP
-    torchrun --nproc_per_node 8 train.py --config afm-on-device --compile --batch-size 64 --fsdp  # sharded
+    torchrun --nproc_per_node 8 train.py --config afm-on-device --compile --batch-size 64 --fsdp   # sharded
 
-Writes out/ckpt.pt (model + config + what --resume needs: optimizer, step, sampler RNG, loss history) and
+Writes out/ckpt.pt (model, config, and what --resume needs: optimizer, step, sampler RNG, losses) and
 out/train.json. The checkpoint is rewritten atomically every --ckpt-every seconds and on Ctrl-C.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from model import (CONFIGS, CheckpointError, Transformer, config_from_dict, coun
 
 H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of one H200 (the H100 SXM's tensor cores), for MFU
 
-# The settings that define a run. A resumed run takes them from its checkpoint; only CHANGEABLE ones may change.
+# The settings that define a run: a resumed run takes them from its checkpoint and may change only CHANGEABLE.
 DEFAULTS = dict(config="tiny", data="bible", iters=1000, seed=1337, batch_size=16, seq_len=None, lr=2e-3,
                 warmup=100, min_lr=0.005, weight_decay=3.16e-4, grad_accum=1, teacher=None, eval_every=None)
 CHANGEABLE = ("iters", "eval_every")
@@ -49,57 +49,53 @@ CHANGEABLE = ("iters", "eval_every")
 def parse_args(argv=None) -> argparse.Namespace:
     d = DEFAULTS
     ap = argparse.ArgumentParser(description="Pre-train the AFM-style decoder on text (see the docstring).")
-    ap.add_argument("--out-dir", default="out", help="where ckpt.pt and train.json go (default: out)")
-    ap.add_argument("--config", help=f"model config: {', '.join(CONFIGS)} (default: {d['config']})")
-    ap.add_argument("--data", help="'bible', 'pydoc' or a path to a UTF-8 text file (default: bible)")
-    ap.add_argument("--iters", type=int, help=f"optimizer steps (default: {d['iters']})")
-    ap.add_argument("--seed", type=int, help=f"seed of the initial weights and the batches (default: {d['seed']})")
-    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda if available; default)")
-    ap.add_argument("--batch-size", type=int, help=f"sequences per micro-batch, over all processes together "
-                                                   f"(default: {d['batch_size']})")
-    ap.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
-    ap.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's max_seq_len)")
-    ap.add_argument("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
-    ap.add_argument("--warmup", type=int, help=f"linear warm-up steps (default: {d['warmup']})")
-    ap.add_argument("--min-lr", type=float, help="final learning rate, a fraction of the peak (default: 0.005)")
-    ap.add_argument("--weight-decay", type=float, help="decoupled weight decay: the fraction of each matmul "
-                                                       "weight removed per step at the peak LR (default: 3.16e-4)")
-    ap.add_argument("--teacher", help="model checkpoint to distil from: target = 0.1 truth + 0.9 teacher's top-1 "
-                                      "(default: none)")
-    ap.add_argument("--dtype", choices=("float32", "bfloat16"),
-                    help="compute dtype; bfloat16 = autocast, weights stay float32 (default: bfloat16 on cuda)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model (default: off)")
-    ap.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and "
-                                                        "optimizer state with FSDP2 (default: off, DDP)")
-    ap.add_argument("--eval-every", type=int, help="validate every N steps (default: 5 times a run)")
-    ap.add_argument("--ckpt-every", type=float, default=60.0, help="rewrite the checkpoint every N seconds "
-                                                                   "(default: 60)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
-    ap.add_argument("--stop-at", type=int, help="stop after this step as if interrupted (default: none)")
+    add = ap.add_argument
+    add("--out-dir", default="out", help="where ckpt.pt and train.json go (default: out)")
+    add("--config", help=f"model config: {', '.join(CONFIGS)} (default: {d['config']})")
+    add("--data", help="'bible', 'pydoc' or a path to a UTF-8 text file (default: bible)")
+    add("--iters", type=int, help=f"optimizer steps (default: {d['iters']})")
+    add("--seed", type=int, help=f"seed of the initial weights and of the batches (default: {d['seed']})")
+    add("--device", default="auto", help="cpu, cuda, cuda:N or auto: cuda if there is one (default: auto)")
+    add("--batch-size", type=int, help=f"sequences per micro-batch, all processes together (default: "
+                                       f"{d['batch_size']})")
+    add("--grad-accum", type=int, help="micro-batches per optimizer step (default: 1)")
+    add("--seq-len", type=int, help="tokens per sequence (default: the config's max_seq_len)")
+    add("--lr", type=float, help=f"peak learning rate (default: {d['lr']})")
+    add("--warmup", type=int, help=f"linear warm-up steps (default: {d['warmup']})")
+    add("--min-lr", type=float, help="final learning rate as a fraction of the peak (default: 0.005)")
+    add("--weight-decay", type=float, help="decoupled weight decay: the fraction of each matmul weight "
+                                           "removed per step at the peak learning rate (default: 3.16e-4)")
+    add("--teacher", help="model checkpoint to distil from: target 0.1 truth + 0.9 its top-1 (default: none)")
+    add("--dtype", choices=("float32", "bfloat16"),
+        help="compute dtype; bfloat16 is autocast, the weights stay float32 (default: bfloat16 on cuda)")
+    add("--compile", action="store_true", help="torch.compile the model (default: off)")
+    add("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and optimizer state "
+                                            "with FSDP2 (default: off, DDP)")
+    add("--eval-every", type=int, help="validate every N steps (default: 5 times a run)")
+    add("--ckpt-every", type=float, default=60.0, help="rewrite the checkpoint every N seconds (default: 60)")
+    add("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
+    add("--stop-at", type=int, help="stop after this step as if interrupted (default: none)")
     return ap.parse_args(argv)
 
 
 def run_settings(args: argparse.Namespace) -> tuple[dict, object, dict | None]:
-    """(settings, model config, checkpoint to resume or None). Every check on the flags happens here, before
-    anything is written; a resumed run takes its settings from the checkpoint."""
+    """(settings, model config, checkpoint to resume or None), after every check on the flags: all of them
+    happen here, before anything is written. A resumed run takes its settings from its checkpoint."""
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
-    ckpt = None
+    ckpt, path = None, os.path.join(args.out_dir, "ckpt.pt")
     if args.resume:
-        path = os.path.join(args.out_dir, "ckpt.pt")
-        if not os.path.isfile(path):
-            raise CheckpointError(f"nothing to resume: {path} does not exist")
         ckpt = load_checkpoint(path, "model")
         if "train_state" not in ckpt:
             raise CheckpointError(f"nothing to resume: {path} holds no training state")
         s = dict(ckpt["train_state"]["settings"])
         for k, v in given.items():
             if k not in CHANGEABLE and v != s[k]:
-                raise ValueError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's {s[k]}; a resumed "
-                                 f"run keeps its settings (only --iters and --eval-every may change)")
+                raise ValueError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's {s[k]}; a "
+                                 f"resumed run keeps its settings (only --iters and --eval-every may change)")
         s.update({k: given[k] for k in CHANGEABLE if k in given})
         if ckpt["train_state"]["step"] >= s["iters"]:
-            raise ValueError(f"nothing to resume: {path} already finished {ckpt['train_state']['step']} steps "
-                             f"of --iters {s['iters']} (pass a larger --iters to go on)")
+            raise ValueError(f"nothing to resume: {path} already finished {ckpt['train_state']['step']} "
+                             f"steps of --iters {s['iters']} (pass a larger --iters to go on)")
     else:
         s = {**DEFAULTS, **given}
     cfg = get_config(s["config"]) if ckpt is None else config_from_dict(ckpt["config"])
@@ -128,15 +124,15 @@ def lr_at(step: int, s: dict) -> float:
 
 
 def make_optimizer(model: Transformer, s: dict, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays the 2-D matmul weights (the tied embedding too: it is the output head's weight) and not
+    """AdamW that decays the 2-D matmul weights (the tied embedding too: it is the output head's weight), not
     the RMSNorm gains, whose natural value is 1."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
     # AFM's decoupled weight decay removes wd x (lr / peak lr) of each weight per step; torch's AdamW removes
     # lr x weight_decay, so weight_decay = wd / peak lr is exactly that.
-    groups = [{"params": decay, "weight_decay": s["weight_decay"] / s["lr"]},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.95), eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2],
+               "weight_decay": s["weight_decay"] / s["lr"]},
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=s["lr"], betas=(0.9, 0.95), eps=1e-8,
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def loss_fn(model, x, y, teacher=None):
@@ -153,23 +149,24 @@ def loss_fn(model, x, y, teacher=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Many processes (torchrun): one per GPU, or per CPU process with gloo. Every rank draws the whole step's batch
-# from the same seeded sampler and trains on its own slice, so the global batch and the loss curve are those of
-# one process. A plain `python train.py` is a world of one and takes none of these paths.
+# Many processes (torchrun): one per GPU, or per CPU process with gloo. Every rank draws the whole step's
+# batch from the same seeded sampler and trains on its own slice of it, so the global batch and the loss curve
+# are those of one process. A plain `python train.py` takes none of these paths.
 
 def shard_model(model: Transformer, device: torch.device, world: int, bf16: bool) -> None:
-    """FSDP2 in place: each block, then the whole model (embedding, final norm), sharded over all ranks."""
+    """FSDP2, in place: each block, then the rest (embedding, final norm), sharded over all ranks."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mesh = init_device_mesh(device.type, (world,))
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kw = dict(mesh=init_device_mesh(device.type, (world,)))
+    if bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in model.layers:
-        fully_shard(block, mesh=mesh, **({"mp_policy": mp} if mp else {}))
-    fully_shard(model, mesh=mesh, **({"mp_policy": mp} if mp else {}))
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
 
 
 def any_rank(flags: list[bool], world: int, device: torch.device) -> list[bool]:
-    """Each flag True on every rank if it is True on any (so that all ranks stop or checkpoint together)."""
+    """Each flag True on every rank if it is True on any, so that all ranks stop or checkpoint together."""
     if world == 1:
         return flags
     t = torch.tensor(flags, dtype=torch.int32, device=device)
@@ -180,7 +177,7 @@ def any_rank(flags: list[bool], world: int, device: torch.device) -> list[bool]:
 # ----------------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    """Train; returns the report written to train.json (on rank 0; other ranks return {})."""
+    """Train; returns the report written to train.json (on rank 0; the other ranks return {})."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
     args = parse_args(argv)
     try:
@@ -189,20 +186,17 @@ def main(argv=None) -> dict:
         if s["batch_size"] % world:
             raise ValueError(f"--batch-size {s['batch_size']} must be a multiple of the {world} processes")
         train_data, val_data = load_splits(s["data"], min_len=s["seq_len"])
-        teacher = None
-        if s["teacher"]:
-            teacher, _ = load_model(s["teacher"])
-            tc = teacher.config
-            if tc.vocab_size != cfg.vocab_size or tc.max_seq_len < s["seq_len"]:
-                raise ValueError(f"{s['teacher']}: teacher (vocab {tc.vocab_size}, max_seq_len {tc.max_seq_len}) "
-                                 f"does not fit the student (vocab {cfg.vocab_size}, seq_len {s['seq_len']})")
+        teacher = load_model(s["teacher"])[0] if s["teacher"] else None
+        tc = teacher.config if teacher is not None else cfg
+        if tc.vocab_size != cfg.vocab_size or tc.max_seq_len < s["seq_len"]:
+            raise ValueError(f"{s['teacher']}: the teacher's vocabulary or context does not fit the student")
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    leader = rank == 0                                  # rank 0 alone prints, evaluates, writes
+    leader = rank == 0                                      # rank 0 alone prints, evaluates, writes
     B, T, accum, iters = s["batch_size"], s["seq_len"], s["grad_accum"], s["iters"]
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     bf16 = torch.bfloat16 if dtype == "bfloat16" else None
-    # under torchrun (even with one process, to measure it) DDP or FSDP2; a plain run takes neither path
+    # under torchrun (even one process, so that its cost can be measured) DDP or FSDP2
     sharded, ddp = dist.is_initialized() and args.fsdp, dist.is_initialized() and not args.fsdp
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -219,33 +213,31 @@ def main(argv=None) -> dict:
     if ckpt is not None:
         set_model_state_dict(model, ckpt["model"], options=full)
         set_optimizer_state_dict(model, optimizer, ckpt["optimizer"], options=full)
-        for g in optimizer.param_groups:                               # the state may come from another device
+        for g in optimizer.param_groups:                               # it may come from another device
             g["fused"], g["foreach"] = device.type in ("cuda", "cpu"), None
         st = ckpt["train_state"]
         gen.set_state(st["data_rng"])
-        step, losses, val_curve, prior_seconds = st["step"], list(st["losses"]), list(st["val_curve"]), st["seconds"]
-        if leader:
-            print(f"resuming {args.out_dir}/ckpt.pt at step {step} of {iters}")
+        step, losses, val_curve, prior_seconds = st["step"], st["losses"], st["val_curve"], st["seconds"]
     teacher = teacher.to(device).eval() if teacher is not None else None
     fwd = torch.compile(model) if args.compile else model
     if ddp:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device] if device.type == "cuda" else None)
-
-    n = count_params(cfg)
-    flops_tok = flops_per_token(cfg, T)
+        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device] if device.type == "cuda"
+                                                        else None)
+    n, flops_tok = count_params(cfg), flops_per_token(cfg, T)
     log_every = 1 if device.type == "cpu" else 20                    # each log reads the loss: a GPU sync
     if leader:
-        print(f"{cfg.name}: {n['params']:,} params ({n['non_embedding_params']:,} non-embedding), {B}x{accum}x{T} "
-              f"tokens/step over {world} process(es){' (FSDP)' if sharded else ''}, {iters} steps, "
-              f"lr {s['lr']}, {device} {dtype}, data {s['data']} (train {len(train_data):,} / val "
-              f"{len(val_data):,} tokens)")
+        print(f"{cfg.name}: {n['params']:,} params, {B}x{accum}x{T} tokens/step on {world} process(es)"
+              f"{' (FSDP)' if sharded else ''}, steps {step}..{iters}, lr {s['lr']}, {device} {dtype}, data "
+              f"{s['data']} (train {len(train_data):,} / val {len(val_data):,} tokens)")
 
-    def checkpoint():                   # every rank gathers (FSDP needs all); rank 0 writes
-        state = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, optimizer, options=full)
+    def checkpoint():                   # every rank gathers (FSDP needs them all); rank 0 writes
+        state = (get_model_state_dict(model, options=full),
+                 get_optimizer_state_dict(model, optimizer, options=full))
         if leader:
+            seconds = prior_seconds + time.perf_counter() - t_start
             save_model(os.path.join(args.out_dir, "ckpt.pt"), model, state_dict=state[0], optimizer=state[1],
                        train_state=dict(settings=s, step=step, data_rng=gen.get_state(), losses=losses,
-                                        val_curve=val_curve, seconds=prior_seconds + time.perf_counter() - t_start))
+                                        val_curve=val_curve, seconds=seconds))
 
     def validate():                     # rank 0 alone, or every rank when the parameters are sharded
         if not (leader or sharded):
@@ -264,10 +256,11 @@ def main(argv=None) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
             handlers[sig] = signal.signal(sig, on_signal)
 
-    # throughput counts training steps only (no eval or checkpoint), after the first few (compilation, warm-up)
+    # throughput counts training steps only (no eval, no checkpoint), after the first few (compilation)
     first_timed = step + min(5, max(0, iters - step - 1))
     timed_tokens, timed_seconds, timed_from, last_ckpt, pending = 0, 0.0, step, time.perf_counter(), []
-    bar = tqdm(total=iters, initial=step, desc="train", dynamic_ncols=True, mininterval=0.5, disable=not leader)
+    bar = tqdm(total=iters, initial=step, desc="train", dynamic_ncols=True, mininterval=0.5,
+               disable=not leader)
     model.train()
     try:
         t_mark = time.perf_counter()
@@ -276,7 +269,7 @@ def main(argv=None) -> dict:
                 g["lr"] = lr_at(step, s)
             total = 0.0
             for micro in range(accum):
-                x, y = get_batch(train_data, B, T, gen)                # the whole batch, the same on every rank
+                x, y = get_batch(train_data, B, T, gen)                # the whole batch, as on every rank
                 x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)   # this rank's share
                 last = micro == accum - 1                              # gradients are averaged only then
                 if sharded:
@@ -293,8 +286,8 @@ def main(argv=None) -> dict:
             pending.append(total)
             bar.update(1)
             if not (step % log_every == 0 or step % s["eval_every"] == 0 or step in (iters, args.stop_at,
-                                                                                        first_timed) or
-                    (stop and world == 1)):
+                                                                                        first_timed)
+                    or (stop and world == 1)):
                 continue
             t = torch.stack(pending).float()                           # one sync per log
             if dist.is_initialized():
@@ -308,15 +301,14 @@ def main(argv=None) -> dict:
                 timed_tokens += (step - timed_from) * B * T * accum
             timed_from, t_mark = step, now
             tok_s = timed_tokens / timed_seconds if timed_seconds else 0.0
-            post = {"loss": f"{losses[-1]:.3f}", "tok/s": f"{tok_s:,.0f}"}
-            if device.type == "cuda":
-                post["mfu"] = f"{flops_tok * tok_s / (world * H200_BF16_PEAK):.1%}"
-            bar.set_postfix(post, refresh=False)
-            if step % s["eval_every"] == 0 and step < iters and (r := validate()) is not None:
+            mfu = flops_tok * tok_s / (world * H200_BF16_PEAK) if device.type == "cuda" else None
+            bar.set_postfix({"loss": f"{losses[-1]:.3f}", "tok/s": f"{tok_s:,.0f}",
+                             **({"mfu": f"{mfu:.1%}"} if mfu is not None else {})}, refresh=False)
+            if step % s["eval_every"] == 0 and step < iters and (r := validate()):
                 bar.write(f"step {step}: train loss {losses[-1]:.4f}, val loss {r['loss']:.4f}, "
                           f"val bpb {r['bpb']:.4f}")
-            interrupted, due = any_rank([bool(stop), leader and time.perf_counter() - last_ckpt > args.ckpt_every],
-                                        world, device)
+            due = leader and time.perf_counter() - last_ckpt > args.ckpt_every
+            interrupted, due = any_rank([bool(stop), due], world, device)
             if interrupted or step == args.stop_at:
                 checkpoint()
                 bar.close()
@@ -337,28 +329,27 @@ def main(argv=None) -> dict:
 
     r = validate()
     checkpoint()
-    report = {}
-    if leader or sharded:       # a sample from a prompt out of the training text (every rank if sharded)
-        tok_s = timed_tokens / timed_seconds if timed_seconds else 0.0
-        prompt = train_data[:min(16, cfg.max_seq_len // 4)][None].long().to(device)
-        text = decode(model.generate(prompt, min(200, cfg.max_seq_len - prompt.shape[1]), temperature=0.8,
-                                     top_k=40, generator=torch.Generator(device=device).manual_seed(s["seed"]))[0].cpu())
-        seconds = prior_seconds + time.perf_counter() - t_start          # the whole run, data loading included
-        report = {
-            "config": asdict(cfg), **n, "iters": iters, "tokens_seen": iters * B * T * accum,
-            "seconds": round(seconds, 2), "cpu_seconds": round(time.process_time() - cpu_start, 2),
-            "tokens_per_second": round(tok_s, 1), "val_loss": r["loss"], "val_bpb": r["bpb"],
-            **({"mfu": flops_tok * tok_s / (world * H200_BF16_PEAK)} if device.type == "cuda" else {}),
-            "flops_per_token": flops_tok, "settings": s, "device": str(device), "dtype": dtype,
-            "compile": args.compile, "world_size": world, "fsdp": sharded,
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "val_curve": val_curve, "losses": losses, "sample": text,
-        }
+    if not (leader or sharded):
+        return {}
+    # a sample, from a prompt out of the training text (on every rank when the parameters are sharded)
+    prompt = train_data[:min(16, cfg.max_seq_len // 4)][None].long().to(device)
+    rng = torch.Generator(device=device).manual_seed(s["seed"])
+    text = decode(model.generate(prompt, min(200, cfg.max_seq_len - prompt.shape[1]), temperature=0.8,
+                                 top_k=40, generator=rng)[0].cpu())
+    report = {
+        "config": asdict(cfg), **n, "iters": iters, "tokens_seen": iters * B * T * accum,
+        "seconds": round(prior_seconds + time.perf_counter() - t_start, 2),     # data loading included
+        "cpu_seconds": round(time.process_time() - cpu_start, 2), "tokens_per_second": round(tok_s, 1),
+        "val_loss": r["loss"], "val_bpb": r["bpb"], **({"mfu": mfu} if mfu is not None else {}),
+        "flops_per_token": flops_tok, "settings": s, "device": str(device), "dtype": dtype,
+        "compile": args.compile, "world_size": world, "fsdp": sharded, "torch": torch.__version__,
+        "threads": torch.get_num_threads(), "val_curve": val_curve, "losses": losses, "sample": text,
+    }
     if leader:
         save_json(os.path.join(args.out_dir, "train.json"), report)
-        print(f"val loss {r['loss']:.4f} nats/token, val bpb {r['bpb']:.4f}; {report['tokens_per_second']:,.0f} "
-              f"tokens/s" + (f", MFU {report['mfu']:.1%}" if "mfu" in report else "")
-              + f"; {report['seconds']:.0f} s\nsample: {text!r}\nwrote {args.out_dir}/ckpt.pt and train.json")
+        print(f"val loss {r['loss']:.4f} nats/token, val bpb {r['bpb']:.4f}; {tok_s:,.0f} tokens/s"
+              + (f", MFU {mfu:.1%}" if mfu is not None else "") + f"; {report['seconds']:.0f} s\n"
+              f"sample: {text!r}\nwrote {args.out_dir}/ckpt.pt and train.json")
     if dist.is_initialized():
         dist.destroy_process_group()
     return report if leader else {}
