@@ -1,29 +1,27 @@
 """
-palettize.py -- palettization: every projection weight becomes a small lookup table per 16 output channels plus
-a few-bit index per weight; 2-bit and 4-bit layers mix to about 3.7 bits per weight; the embedding goes to 8 bits.
+palettize.py -- every projection weight becomes a lookup table per 16 output channels plus a few-bit index per
+weight; 2-bit and 4-bit layers mix to about 3.7 bits per weight; the embedding goes to 8 bits.
 
 Follows section 5.1 ("Optimizations") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
-(arXiv 2407.21075). A weight matrix (out, in) is cut into groups of 16 consecutive output channels (rows, the way
-Core ML's per-grouped-channel lookup tables group them). Each group gets a lookup table (LUT) of 2**bits fp16
-values, chosen by k-means over the group's weights, and every weight is stored as the index of its nearest table
-entry. AFM-on-device mixes 2-bit and 4-bit layers to 3.7 bits per weight on average; the embedding (shared with the
-output head) is quantized to 8 bits per channel; norm gains stay float.
+(arXiv 2407.21075). A weight (out, in) is cut into groups of 16 consecutive output channels (rows, as Core
+ML's per-grouped-channel tables group them). Each group gets a lookup table (LUT) of 2**bits fp16 values
+chosen by k-means over its weights, and every weight is stored as the index of its nearest entry.
+AFM-on-device mixes 2- and 4-bit layers to 3.7 bits per weight on average; the embedding (shared with the
+output head) is quantized to 8 bits per channel; the norm gains stay float.
 
 Read in this order:
-  1. `kmeans` and `palettize_weight(..., plain=True)`: k-means for one group, then a LUT per group.
+  1. `kmeans`, then `palettize_weight(..., plain=True)`: k-means for one group, then a LUT per group.
   2. `allocate_bits`: which layers go to 2 bits, at the least estimated cost in loss.
   3. `quantize_embedding`: the 8-bit embedding.
   4. `fisher_information`: weighting the k-means by how much each weight matters to the loss.
-  5. `palettize_model`, `PalettizedLinear`, `save_palettized` / `load_palettized`: a whole model and its file.
+  5. `palettize_model`, `PalettizedLinear`, `save_palettized` / `load_palettized`: a model and its file.
   6. the command line.
-  Appendix (the fast path, the default): the same k-means solved exactly in 1-D on fp16 histograms, for every
-  group of many layers at once (`palettize_weights`). The whole 2.6B-weight afm-on-device model takes 0.36 s on
-  one GPU that way.
+  Appendix, the fast path (the default): the same k-means, on fp16 histograms, for all groups of many layers
+  at once (`palettize_weights`); the 2.6B weights of afm-on-device take a third of a second on one GPU.
 
-Run:
-    python palettize.py                          # out/ckpt.pt -> out/palettized.pt + out/palettize.json, 3.7 bpw
-    python palettize.py --bits 4                 # uniform 4-bit
-    python palettize.py --bpw 3.5 --no-sensitivity --kmeans plain   # 3.5 bpw, unweighted, the plain k-means
+    python palettize.py                       # out/ckpt.pt -> out/palettized.pt + palettize.json, 3.7 bpw
+    python palettize.py --bits 4              # uniform 4-bit
+    python palettize.py --bpw 3.5 --no-sensitivity --kmeans plain    # 3.5 bpw, unweighted, plain k-means
 """
 from __future__ import annotations
 
@@ -39,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DataError, evaluate, get_batch, load_splits, tokenizer_from_checkpoint
-from model import (CheckpointError, Transformer, config_from_dict, load_checkpoint, load_model,
-                   save_checkpoint, save_json)
+from model import (CheckpointError, Transformer, config_from_dict, init_distributed, load_checkpoint,
+                   load_model, save_checkpoint, save_json)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BITS = (1, 2, 3, 4, 6, 8)          # what Core ML's constexpr_lut_to_dense stores (uint1 ... uint8)
@@ -53,8 +51,8 @@ class PalettizeError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # 1. k-means for one group, and a LUT per group of 16 output channels
 
-def kmeans(values: torch.Tensor, k: int, weights: torch.Tensor | None = None, iters: int = 100) -> torch.Tensor:
-    """Lloyd's k-means of the values (n,) into k sorted centres (k,), each value counted with its weight."""
+def kmeans(values: torch.Tensor, k: int, weights: torch.Tensor | None = None, iters: int = 100):
+    """Lloyd's k-means of the values (n,): k sorted centres (k,), each value counted with its weight."""
     x = values.double().flatten()                                            # (n,)
     w = torch.ones_like(x) if weights is None else weights.double().flatten()
     c = x.sort().values[((torch.arange(k, dtype=torch.float64) + 0.5) * len(x) / k).long()]   # k quantiles
@@ -62,7 +60,7 @@ def kmeans(values: torch.Tensor, k: int, weights: torch.Tensor | None = None, it
         nearest = (x[:, None] - c[None, :]).abs().argmin(1)                 # (n,) each value's nearest centre
         total = torch.zeros(k, dtype=x.dtype).index_add_(0, nearest, w * x)
         count = torch.zeros(k, dtype=x.dtype).index_add_(0, nearest, w)
-        new = torch.where(count > 0, total / count, c)                       # the mean; an empty cluster stays
+        new = torch.where(count > 0, total / count, c)                       # the means; empty ones stay
         if torch.equal(new, c):                                              # converged: a local optimum
             break
         c = new
@@ -70,8 +68,8 @@ def kmeans(values: torch.Tensor, k: int, weights: torch.Tensor | None = None, it
 
 
 def lut_from_centres(centres: torch.Tensor) -> torch.Tensor:
-    """Centres (G, K) -> fp16 LUTs (G, K), sorted and strictly increasing: a repeated value moves one fp16 step
-    up (down at the top of the fp16 range), so no two indices decode to the same weight."""
+    """Centres (G, K) -> fp16 LUTs (G, K), sorted and strictly increasing: a repeated value moves one fp16
+    step up (down at the top of the fp16 range), so no two indices decode to the same weight."""
     lut = centres.clamp(-65504, 65504).half().sort(1).values + 0.0          # + 0.0 turns -0 into +0
     inf = torch.full_like(lut[:, 0], math.inf)
     for j in range(1, lut.shape[1]):
@@ -102,15 +100,15 @@ def importance_weights(importance: torch.Tensor) -> torch.Tensor:
     return (imp / imp.amax(1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-6)
 
 
-def palettize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 16, importance=None, plain: bool = False):
-    """w (out, in) -> (fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in)). Rows g*group_size ...
-    (g+1)*group_size - 1 share LUT g. `importance` (like w, >= 0) weights the k-means. plain=True runs the plain
-    `kmeans` group by group; the default is the exact fast path (appendix), whose error is never higher."""
+def palettize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 16, importance=None, plain=False):
+    """w (out, in) -> (fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in)); rows g*group_size
+    ... (g+1)*group_size - 1 share LUT g. `importance` (like w, >= 0) weights the k-means. plain=True runs
+    `kmeans` group by group; the default is the fast path (appendix), whose error is never higher."""
     if not plain:
         return palettize_weights([w], bits, group_size, None if importance is None else [importance])[0]
     _check_weight(w, bits, group_size, "weight", importance)
     G = w.shape[0] // group_size
-    x = w.detach().half().reshape(G, -1)                                    # the LUT is fp16: cluster fp16 values
+    x = w.detach().half().reshape(G, -1)                            # the LUT is fp16: cluster fp16 values
     imp = None if importance is None else importance_weights(importance.reshape(G, -1))
     centres = torch.stack([kmeans(x[g], 2 ** bits, None if imp is None else imp[g]) for g in range(G)])
     lut = lut_from_centres(centres)
@@ -123,8 +121,8 @@ def _check_weight(w: torch.Tensor, bits: int, group_size: int, name: str = "weig
     if w.dim() != 2:
         raise PalettizeError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     if group_size < 1 or w.shape[0] % group_size:
-        raise PalettizeError(f"{name}: {w.shape[0]} output channels (shape {tuple(w.shape)}) are not divisible "
-                             f"by the group size {group_size}")
+        raise PalettizeError(f"{name}: {w.shape[0]} output channels (shape {tuple(w.shape)}) are not "
+                             f"divisible by the group size {group_size}")
     if not bool(torch.isfinite(w).all()) or w.detach().abs().max() > 65504:
         bad = "NaN" if torch.isnan(w).any() else "Inf (or beyond the fp16 range)"
         raise PalettizeError(f"{name}: weight contains {bad}")
@@ -162,8 +160,8 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
     hi = bits_per_weight(shapes, {k: high for k in names}, group_size)
     lo = bits_per_weight(shapes, {k: low for k in names}, group_size)
     if not lo - tol <= target <= hi + tol:
-        raise PalettizeError(f"--bpw {target}: {low}/{high}-bit layers reach only {lo:.3f} .. {hi:.3f} bits per "
-                             f"weight with group size {group_size}")
+        raise PalettizeError(f"--bpw {target}: {low}/{high}-bit layers reach only {lo:.3f} .. {hi:.3f} bits "
+                             f"per weight with group size {group_size}")
     step = 0.004 / len(names) * n                                     # DP resolution, in bits
     save = [round((layer_bits(shapes[k], high, group_size) - layer_bits(shapes[k], low, group_size)) / step)
             for k in names]
@@ -179,7 +177,7 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
     need = (hi - target) * n / step                                   # steps to save
     ok = (torch.arange(S + 1, dtype=torch.float64) - need).abs() <= tol * n / step
     if not bool((ok & best.isfinite()).any()):
-        raise PalettizeError(f"--bpw {target}: no mix of {low}- and {high}-bit layers lands within {tol} of it")
+        raise PalettizeError(f"--bpw {target}: no mix of {low}- and {high}-bit layers lands within {tol}")
     s = int(torch.where(ok, best, math.inf).argmin())
     bits = {}
     for i in reversed(range(len(names))):                             # walk the choices back
@@ -203,14 +201,14 @@ def quantize_embedding(w: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------------
 # 4. Sensitivity: the diagonal Fisher information weights the k-means and prices each layer's 2-bit move
 
-def calibration_batches(train: torch.Tensor, n: int, batch_size: int, seq_len: int, seed: int, device) -> list:
+def calibration_batches(train: torch.Tensor, n: int, batch_size: int, seq_len: int, seed: int, device):
     """n seeded batches (x, y) of the training text, for the Fisher information and the allocation."""
     g = torch.Generator().manual_seed(seed)
     return [get_batch(train, batch_size, seq_len, g, device) for _ in range(n)]
 
 
 def fisher_information(model: nn.Module, batches, names) -> dict:
-    """{name: float32 tensor like the weight}: squared gradients of the training loss, summed over the batches."""
+    """{name: float32 tensor like the weight}: squared gradients of the loss, summed over the batches."""
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     weights = {n: model.get_submodule(n).weight.requires_grad_(True) for n in names}
@@ -234,10 +232,10 @@ def calibration_loss(model: nn.Module, batches) -> torch.Tensor:
 
 
 def fisher_score(model: nn.Module, names, fisher: dict, bits: int, group_size: int, weighted: bool) -> dict:
-    """{name: 1/2 sum F (w_hat - w)^2}: the second-order estimate of the loss rise when that layer alone goes to
-    `bits`."""
+    """{name: 1/2 sum F (w_hat - w)^2}: the second-order estimate of the loss rise when that layer alone goes
+    to `bits`."""
     ws = [model.get_submodule(n).weight for n in names]
-    res = palettize_weights(ws, bits, group_size, [fisher[n] for n in names] if weighted else None, names=names)
+    res = palettize_weights(ws, bits, group_size, [fisher[n] for n in names] if weighted else None, names)
     return {n: 0.5 * (fisher[n] * (dequantize(lut, idx, group_size) - w.float()) ** 2).sum().item()
             for n, w, (lut, idx) in zip(names, ws, res)}
 
@@ -246,8 +244,7 @@ def fisher_score(model: nn.Module, names, fisher: dict, bits: int, group_size: i
 def loss_rise(model: nn.Module, names, batches, bits: int, group_size: int, importance: dict | None) -> dict:
     """{name: measured rise of the calibration loss when that layer alone is palettized to `bits`}."""
     ws = [model.get_submodule(n).weight for n in names]
-    res = palettize_weights(ws, bits, group_size, None if importance is None else [importance[n] for n in names],
-                            names=names)
+    res = palettize_weights(ws, bits, group_size, importance and [importance[n] for n in names], names)
     base = calibration_loss(model, batches).item()
     rise = {}
     for n, w, (lut, idx) in tqdm(list(zip(names, ws, res)), desc=f"loss rise at {bits} bits", unit="layer"):
@@ -319,7 +316,7 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     for b in sorted(set(bits_of.values())):        # layers of equal bits go through one fast k-means together
         part = [n for n in todo if bits_of[n] == b]
         ws = [layers[n].weight for n in part]
-        imps = [importance.get(n, torch.ones_like(w)) for n, w in zip(part, ws)] if importance else [None] * len(ws)
+        imps = [importance.get(n, torch.ones_like(w)) if importance else None for n, w in zip(part, ws)]
         if plain:
             res = [palettize_weight(w, b, group_size, imp, plain=True) for w, imp in zip(ws, imps)]
             bar.update(len(part))
@@ -362,7 +359,7 @@ def stored_tensors(model: nn.Module) -> dict:
         if not isinstance(m, PalettizedLinear):
             raise PalettizeError(f"{n}: not palettized (run palettize_model first)")
         layers[n] = {"bits": m.bits, "group_size": m.group_size, "shape": list(m.indices.shape),
-                     "lut": m.lut.detach().cpu().half(), "indices": pack_bits(m.indices.detach().cpu(), m.bits)}
+                     "lut": m.lut.cpu().half(), "indices": pack_bits(m.indices.cpu(), m.bits)}
         covered |= {f"{n}.lut", f"{n}.indices"}
     e = model.tok_emb
     if not hasattr(e, "weight_int8"):
@@ -399,11 +396,13 @@ def load_palettized(path: str, map_location="cpu"):
             raise ValueError(f"no palettized weight for {missing[0]}")
         set_embedding(model, ckpt["embedding"]["q"], ckpt["embedding"]["scale"])
         bad = model.load_state_dict({k: v.float() for k, v in ckpt["float"].items()}, strict=False)
-        lost = [k for k in bad.missing_keys if not k.endswith((".lut", ".indices")) and not k.startswith("tok_emb.")]
+        lost = [k for k in bad.missing_keys            # the LUTs, indices and embedding came in above
+                if not k.endswith((".lut", ".indices")) and not k.startswith("tok_emb.")]
         if lost or bad.unexpected_keys:
             raise ValueError(f"float tensors do not match the config ({(lost + bad.unexpected_keys)[0]})")
     except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a valid palettized checkpoint ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a valid palettized checkpoint ({str(e).splitlines()[0]})") \
+            from None
     return model.to(map_location), ckpt
 
 
@@ -416,28 +415,28 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(uniform --bits, or a 2/4-bit mix hitting --bpw), the embedding -> 8 bits per row. "
                     "Writes OUT_DIR/palettized.pt and OUT_DIR/palettize.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ckpt", default=None, help="float checkpoint from train.py (default: OUT_DIR/ckpt.pt)")
-    ap.add_argument("--out-dir", default="out", help="where palettized.pt and palettize.json go")
-    ap.add_argument("--bits", type=int, default=None, choices=BITS,
-                    help="uniform bits for every projection (default: none, mix to --bpw)")
-    ap.add_argument("--bpw", type=float, default=None,
-                    help="target average bits per projection weight (LUTs included), mixing 2- and 4-bit layers "
-                         "where the model is least sensitive (default: 3.7, the paper's, when --bits is not given)")
-    ap.add_argument("--group-size", type=int, default=16, help="output channels sharing one LUT")
-    ap.add_argument("--kmeans", choices=("fast", "plain"), default="fast",
-                    help="the exact fast path, or the plain Lloyd k-means of section 1 (slower, never better)")
-    ap.add_argument("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
-                    help="weight the k-means by the diagonal Fisher information of the calibration batches")
-    ap.add_argument("--alloc", choices=("fisher", "loss"), default="fisher",
-                    help="--bpw: price of moving a layer from 4 to 2 bits: the Fisher estimate 1/2 sum F "
-                         "(w_hat - w)^2, or the measured rise of the calibration loss (one pass per layer)")
-    ap.add_argument("--calib-batches", type=int, default=4, help="calibration batches of the training text")
-    ap.add_argument("--calib-batch-size", type=int, default=8, help="sequences per calibration batch")
-    ap.add_argument("--data", default=None, help="corpus (default: the checkpoint's training corpus)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the checkpoint's)")
-    ap.add_argument("--eval-windows", type=int, default=256, help="validation windows per evaluation")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the calibration batches")
-    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    add = ap.add_argument
+    add("--ckpt", default=None, help="float checkpoint from train.py (default: OUT_DIR/ckpt.pt)")
+    add("--out-dir", default="out", help="where palettized.pt and palettize.json go")
+    add("--bits", type=int, default=None, choices=BITS, help="uniform bits for every projection (default: "
+                                                             "none, a mix hitting --bpw)")
+    add("--bpw", type=float, default=None, help="average bits per projection weight, LUTs included, mixing "
+                                                "2- and 4-bit layers (default: 3.7, the paper's, no --bits)")
+    add("--group-size", type=int, default=16, help="output channels sharing one LUT")
+    add("--kmeans", choices=("fast", "plain"), default="fast",
+        help="the fast path, or the plain Lloyd k-means of section 1 (slower, never better)")
+    add("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
+        help="weight the k-means by the diagonal Fisher information of the calibration batches")
+    add("--alloc", choices=("fisher", "loss"), default="fisher",
+        help="--bpw: the price of moving a layer from 4 to 2 bits: the Fisher estimate, or the measured rise "
+             "of the calibration loss (one pass per layer)")
+    add("--calib-batches", type=int, default=4, help="calibration batches of the training text")
+    add("--calib-batch-size", type=int, default=8, help="sequences per calibration batch")
+    add("--data", default=None, help="corpus (default: the checkpoint's training corpus)")
+    add("--seq-len", type=int, default=None, help="tokens per sequence (default: the checkpoint's)")
+    add("--eval-windows", type=int, default=256, help="validation windows per evaluation")
+    add("--seed", type=int, default=0, help="seed of the calibration batches")
+    add("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     return ap.parse_args(argv)
 
 
@@ -454,20 +453,17 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
     """Everything the command line does; returns the report. Every check comes before any work."""
     if a.bits is not None and a.bpw is not None:
         raise PalettizeError("give --bits or --bpw, not both")
-    if a.bits is None and a.bpw is None:
-        a.bpw = 3.7
-    if a.group_size < 1 or a.calib_batches < 1 or a.calib_batch_size < 1 or a.eval_windows < 1:
-        raise PalettizeError("--group-size, --calib-batches, --calib-batch-size and --eval-windows must be positive")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise PalettizeError(f"--device {device}: CUDA is not available")
+    a.bpw = 3.7 if a.bits is None and a.bpw is None else a.bpw
+    if min(a.group_size, a.calib_batches, a.calib_batch_size, a.eval_windows) < 1:
+        raise PalettizeError("--group-size, --calib-*, --eval-windows must be positive")
+    device = str(init_distributed(a.device)[2])
     ckpt_path = a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
     model, ckpt = load_model(ckpt_path)
     settings = (ckpt.get("train_state") or {}).get("settings") or {}
     data_name = a.data or settings.get("data") or "bible"
     seq_len = a.seq_len or settings.get("seq_len") or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
-        raise PalettizeError(f"--seq-len {seq_len} exceeds the model's max_seq_len {model.config.max_seq_len}")
+        raise PalettizeError(f"--seq-len {seq_len} exceeds the model's {model.config.max_seq_len}")
     names = projection_names(model)
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
     for n in names:
@@ -476,11 +472,11 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
         raise PalettizeError("tok_emb: weight contains NaN or Inf")
     if a.bpw is not None:
         allocate_bits(shapes, {n: 0.0 for n in names}, a.bpw, a.group_size)        # reachable at all?
-    tokenizer = tokenizer_from_checkpoint(ckpt)                   # None: byte-level tokens
+    tokenizer = tokenizer_from_checkpoint(ckpt)                                   # None: byte-level tokens
     train, val = load_splits(data_name, seq_len, tokenizer)
     model.to(device).eval()
-    print(f"{ckpt_path}: {model.config.name}, {len(names)} projections, {sum(math.prod(s) for s in shapes.values()):,}"
-          f" projection weights; data {data_name}, seq_len {seq_len}")
+    print(f"{ckpt_path}: {model.config.name}, {len(names)} projections, "
+          f"{sum(math.prod(s) for s in shapes.values()):,} weights; data {data_name}, seq_len {seq_len}")
 
     def val_bpb():
         return evaluate(model, val, seq_len, batch_size=16, max_windows=a.eval_windows, device=device,
@@ -499,29 +495,24 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
             fisher = importance if importance is not None else fisher_information(model, batches, names)
             s2, s4 = (fisher_score(model, names, fisher, b, a.group_size, a.sensitivity) for b in (2, 4))
             rise = {n: s2[n] - s4[n] for n in names}
-        bits = allocate_bits(shapes, rise, a.bpw, a.group_size)
-    else:
-        bits = {n: a.bits for n in names}
-    bpw = bits_per_weight(shapes, bits, a.group_size)
-
+    bits = allocate_bits(shapes, rise, a.bpw, a.group_size) if rise else {n: a.bits for n in names}
     t = time.time()
     report = palettize_model(model, bits, a.group_size, importance, progress=True, plain=a.kmeans == "plain")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    t_pal = time.time() - t
-    bpb_pal = val_bpb()
+    t_pal, bpb_pal = time.time() - t, val_bpb()
     model_bytes = stored_bytes(stored_tensors(model))
     float_bytes = 2 * sum(p.numel() for p in Transformer(model.config).to("meta").parameters())
+    bpw, rel = bits_per_weight(shapes, bits, a.group_size), (bpb_pal - bpb_float) / bpb_float
 
     width = max(len(n) for n in names)
-    print(f"{'layer':<{width}}  bits  {'mse':>10}  {'rel_mse':>8}" + (f"  2-bit cost ({a.alloc})" if rise else ""))
+    print(f"{'layer':<{width}}  bits  {'mse':>10}  {'rel_mse':>8}" + f"  2-bit cost ({a.alloc})" * bool(rise))
     for r in report:
         print(f"{r['name']:<{width}}  {r['bits']:>4}  {r['mse']:>10.3e}  {r['rel_mse']:>8.4f}"
               + (f"  {rise[r['name']]:+.3e}" if rise else ""))
-    rel = (bpb_pal - bpb_float) / bpb_float
     print(f"bits per weight {bpw:.3f} ({sum(b == 2 for b in bits.values())} of {len(bits)} layers 2-bit), "
-          f"embedding 8-bit; model {model_bytes:,} bytes vs fp16 {float_bytes:,} ({float_bytes / model_bytes:.2f}x)")
-    print(f"val bpb: float {bpb_float:.4f} -> palettized {bpb_pal:.4f} ({100 * rel:+.2f}%); k-means {t_pal:.1f} s")
+          f"embedding 8-bit; {model_bytes:,} bytes, fp16 {float_bytes:,} ({float_bytes / model_bytes:.2f}x)")
+    print(f"val bpb: float {bpb_float:.4f} -> palettized {bpb_pal:.4f} ({rel:+.2%}); k-means {t_pal:.1f} s")
     out = {
         "ckpt": ckpt_path, "config": model.config.name, "data": data_name, "seq_len": seq_len,
         "group_size": a.group_size, "target_bpw": a.bpw, "uniform_bits": a.bits, "sensitivity": a.sensitivity,
@@ -532,9 +523,10 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
         "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_rise": rel,
         "palettize_seconds": t_pal, "device": device, "seconds": time.time() - t_start,
     }
-    save_palettized(os.path.join(a.out_dir, "palettized.pt"), model.cpu(), report=out, tokenizer=ckpt.get("tokenizer"))
+    path = os.path.join(a.out_dir, "palettized.pt")
+    save_palettized(path, model.cpu(), report=out, tokenizer=ckpt.get("tokenizer"))
     save_json(os.path.join(a.out_dir, "palettize.json"), out)
-    print(f"wrote {os.path.join(a.out_dir, 'palettized.pt')} and palettize.json in {out['seconds']:.1f} s")
+    print(f"wrote {path} and palettize.json in {out['seconds']:.1f} s")
     return out
 
 
@@ -542,21 +534,21 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
 # Appendix: the fast path -- the same k-means, solved exactly in 1-D, for every group of many layers at once
 #
 # Why it gives the same answer faster. The LUT is fp16, so every weight is first rounded to fp16, and an fp16
-# tensor holds at most 65,536 distinct values. Reading the 16 bits as an integer and flipping the magnitude bits
-# of negative numbers gives a key whose integer order is the order of the values (`fp16_keys`); one `index_add_`
-# turns a whole weight matrix into one histogram per group over the keys it spans. k-means on the histogram is
-# k-means on the weights (each value counted as often as it occurs). In 1-D every clustering k-means can end in
-# is a set of runs of consecutive sorted values, so it is k - 1 boundaries, and with prefix sums of count,
-# count * value and count * value^2 any run's mean and squared error cost two lookups: a Lloyd step (boundaries
-# at the midpoints of the centres, centres at the means of the runs) costs O(k log R) per group instead of
-# O(k n), for all groups of many layers at once. Each group runs plain `kmeans` itself this way (its start, its
-# steps), and a second, over-relaxed Lloyd from a start that reaches the tails (half the centres at quantiles,
-# half evenly spaced between the smallest and largest value). Lloyd stops at a local optimum; a large-
-# neighbourhood search solved exactly by dynamic programming over the boundaries (`_band_refine`) then moves all
-# boundaries jointly and never raises the error. Each group keeps the best, so the result is never worse than
-# plain `kmeans` (tests/test_palettize.py holds it to that) and is usually the optimum (within 0.6% of an exact
-# O(k n^2) DP on every one of ~1,000 random small groups there). Indices come from one (group, key) -> index
-# table gathered by key.
+# tensor holds at most 65,536 distinct values. Reading the 16 bits as an integer and flipping the magnitude
+# bits of negative numbers gives a key whose integer order is the order of the values (`fp16_keys`); one
+# `index_add_` turns a whole weight matrix into one histogram per group over the keys it spans. k-means on the
+# histogram is k-means on the weights (each value counted as often as it occurs). In 1-D every clustering
+# k-means can end in is a set of runs of consecutive sorted values, so it is k - 1 boundaries, and with prefix
+# sums of count, count * value and count * value^2 any run's mean and squared error cost two lookups: a Lloyd
+# step (boundaries at the midpoints of the centres, centres at the means of the runs) costs O(k log R) per
+# group instead of O(k n), for all groups of many layers at once. Each group runs plain `kmeans` itself this
+# way (its start, its steps), and a second, over-relaxed Lloyd from a start that reaches the tails (half the
+# centres at quantiles, half evenly spaced between the smallest and largest value). Lloyd stops at a local
+# optimum; a large- neighbourhood search solved exactly by dynamic programming over the boundaries
+# (`_band_refine`) then moves all boundaries jointly and never raises the error. Each group keeps the best, so
+# the result is never worse than plain `kmeans` (tests/test_palettize.py holds it to that) and is usually the
+# optimum (within 0.6% of an exact O(k n^2) DP on every one of ~1,000 random small groups there). Indices come
+# from one (group, key) -> index table gathered by key.
 
 def fp16_keys(w16: torch.Tensor) -> torch.Tensor:
     """fp16 tensor -> int16 keys in the order of the values (-0 -> -1, +0 -> 0): positive numbers keep their
@@ -599,7 +591,8 @@ def _edges(b: torch.Tensor, R: int) -> torch.Tensor:
 
 
 def _boundaries(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Sorted centres (G, k) -> inner boundaries (G, k-1): a value goes to its nearest centre (a tie goes up)."""
+    """Sorted centres (G, k) -> inner boundaries (G, k-1): each value to its nearest centre (a tie goes up).
+    """
     return torch.searchsorted(values, ((c[:, 1:] + c[:, :-1]) * 0.5).contiguous())
 
 
@@ -615,9 +608,9 @@ def _means(P, values: torch.Tensor, b: torch.Tensor, old: torch.Tensor | None = 
 
 def _lloyd(P, values, c, max_iters: int, history: list | None, relax: bool = True):
     """Lloyd's iteration on the histograms. Over-relaxed unless relax=False: each step also tries going omega
-    times as far (then a Lloyd step from there) and keeps whichever ends with less error, doubling omega after a
-    success (at most 16) and resetting it to 2 after a failure; plain Lloyd creeps towards its fixed point in
-    ~250 steps where this takes ~60. The error never increases. Stops when no group changes."""
+    times as far (then a Lloyd step from there) and keeps whichever ends with less error, doubling omega after
+    a success (at most 16) and resetting it to 2 after a failure; plain Lloyd creeps towards its fixed point
+    in ~250 steps where this takes ~60. The error never increases. Stops when no group changes."""
     c, obj = _means(P, values, _boundaries(values, c), c)
     omega = c.new_full((c.shape[0], 1), 2.0)
     for _ in range(max_iters):
@@ -662,7 +655,8 @@ def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: 
     """Large-neighbourhood search: every boundary may move anywhere between its neighbours, to one of `width`
     candidates spread evenly in value (reaching sparse tails), `width` spread evenly in cumulative count
     (resolving dense regions), or its current position; the DP picks the best joint move. Then each window
-    shrinks to the candidates either side of the one picked, for `levels` rounds. Never increases the error."""
+    shrinks to the candidates either side of the one picked, for `levels` rounds. Never increases the error.
+    """
     G, K1 = b.shape
     e = _edges(b, P.shape[2] - 1)
     lo, hi = e[:, :-2], e[:, 2:]                                                 # (G, k-1) windows
@@ -689,8 +683,8 @@ def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: 
 
 
 def _initial_centres(P, values, k: int) -> torch.Tensor:
-    """(G, k): half the centres at quantiles (j + 1/2) / (k/2) of the weighted histogram, the rest evenly spaced
-    between its smallest and largest occupied value, so that some reach the tails."""
+    """(G, k): half the centres at quantiles (j + 1/2) / (k/2) of the weighted histogram, the rest evenly
+    spaced between its smallest and largest occupied value, so that some reach the tails."""
     R, dev, total = values.numel(), values.device, P[0, :, -1:].contiguous()
     nq, nu = k - k // 2, k // 2
     t = (torch.arange(nq, dtype=torch.float64, device=dev) + 0.5) / nq * total
@@ -709,7 +703,7 @@ def _plain_start(P, values, k: int) -> torch.Tensor:
     return values[(torch.searchsorted(P[0], t, right=True) - 1).clamp(0, values.numel() - 1)]
 
 
-def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 20, max_rounds: int | None = None,
+def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 20, max_rounds=None,
              width: int = 13, polish_iters: int = 20, levels: int = 3, tol: float = 2e-3,
              history: list | None = None) -> torch.Tensor:
     """Sorted centres (G, k), float64: weighted 1-D k-means of G histograms at once. counts (G, R) weigh the
@@ -726,8 +720,8 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
     try:
         values = values.double().contiguous()
         P = _prefix(counts.double(), values)
-        # two starts, each group keeps the better: plain `kmeans` itself (its start, its steps: the histogram is
-        # the data), and over-relaxed Lloyd from a start that reaches the tails
+        # two starts, each group keeps the better: plain `kmeans` itself (its start, its steps: the histogram
+        # is the data), and over-relaxed Lloyd from a start that reaches the tails
         c = _lloyd(P, values, _initial_centres(P, values, k), lloyd_iters, history)
         c2 = _lloyd(P, values, _plain_start(P, values, k), 100, None, relax=False)
         err, err2 = (_means(P, values, _boundaries(values, x), x)[1] for x in (c, c2))
@@ -750,9 +744,10 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
 @torch.no_grad()
 def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None, names=None,
                       max_bins: int | None = None, progress=None, **kmeans_args) -> list:
-    """[(fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in))] for several 2-D weights at once: all
-    their groups go through one k-means per chunk of at most `max_bins` histogram bins (a GPU then sees ~100
-    ops per chunk, not per layer). `progress`, if given, is called with the number of weights done per chunk."""
+    """[(fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in))] for several 2-D weights at once:
+    all their groups go through one k-means per chunk of at most `max_bins` histogram bins (a GPU then sees
+    ~100 ops per chunk, not per layer). `progress`, if given, is called with the number of weights done per
+    chunk."""
     names = names or [f"weight {i}" for i in range(len(ws))]
     importances = importances or [None] * len(ws)
     for w, imp, name in zip(ws, importances, names):
@@ -760,7 +755,7 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
     if not ws:
         return []
     device = ws[0].device
-    if max_bins is None:   # each histogram bin costs ~48 bytes (counts, 3 prefix sums, temporaries, index table)
+    if max_bins is None:   # a histogram bin costs ~48 bytes (counts, 3 prefix sums, temporaries, index table)
         max_bins = int(0.4 * torch.cuda.mem_get_info(device)[0] / 48) if device.type == "cuda" else 2 ** 24
     max_bins = min(max_bins, 2 ** 31 - 2 ** 24)            # bin numbers are int32
     keys = [fp16_keys(w.detach().to(torch.float16)) for w in ws]                 # (out, in) int16
