@@ -290,7 +290,8 @@ def parse_args(argv=None):
                     help="feature adapters: start from the recovery adapter (--adapter) or from the standard init")
     ap.add_argument("--eval", action="store_true", help="only print the validation bpb of --base + --adapter")
     ap.add_argument("--out-dir", default="out", help="outputs go here; default inputs are read from here too")
-    ap.add_argument("--base", default=None, help="palettized checkpoint (default: OUT_DIR/palettized.pt)")
+    ap.add_argument("--base", default=None, help="palettized checkpoint (default: OUT_DIR/palettized.pt); "
+                                                 "--eval takes a float one too")
     ap.add_argument("--teacher", default=None, help="float checkpoint, for recovery (default: OUT_DIR/ckpt.pt)")
     ap.add_argument("--adapter", default=None, help="adapter to start from (--init recovery) or to evaluate; "
                                                     "'none' = bare base (default: OUT_DIR/adapter_recovery.pt)")
@@ -338,7 +339,10 @@ def main(argv=None):
         a.teacher = a.teacher or os.path.join(a.out_dir, "ckpt.pt")
         a.adapter = a.adapter or os.path.join(a.out_dir, "adapter_recovery.pt")
         a.lr, a.iters = a.lr or (2e-3 if recovery else 1e-3), a.iters or (300 if recovery else 100)
-        base, ckpt = load_palettized(a.base)
+        if a.eval and load_checkpoint(a.base, kind=None)["kind"] == "model":     # --eval takes a float model too
+            base, ckpt = load_model(a.base)
+        else:
+            base, ckpt = load_palettized(a.base)
         a.base_data = (ckpt.get("report") or {}).get("data") or "bible"     # the corpus the base learned
         a.data = a.data or (a.base_data if recovery or a.eval else a.task)
         a.tokenizer = tokenizer_from_checkpoint(ckpt)
