@@ -86,7 +86,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):                                             # (..., dim)
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # the gain in the input's dtype: with bf16 queries/keys under autocast, an fp32 gain would keep
+        # torch from its fused kernel (measured on one H200: 2.8 ms against 0.9 ms eager, 0.8 vs 0.6 compiled)
+        return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, base: float):

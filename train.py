@@ -221,8 +221,8 @@ def main(argv=None) -> dict:
     teacher = teacher.to(device).eval() if teacher is not None else None
     fwd = torch.compile(model) if args.compile else model
     if ddp:
-        fwd = torch.nn.parallel.DistributedDataParallel(fwd, device_ids=[device] if device.type == "cuda"
-                                                        else None)
+        fwd = torch.nn.parallel.DistributedDataParallel(      # gradients live in the all-reduce buckets
+            fwd, device_ids=[device] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     n, flops_tok = count_params(cfg), flops_per_token(cfg, T)
     log_every = 1 if device.type == "cpu" else 20                    # each log reads the loss: a GPU sync
     if leader:
