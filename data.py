@@ -194,12 +194,13 @@ def load_splits(name: str = "bible", min_len: int = 1,
 
 
 def get_batch(data: torch.Tensor, batch_size: int, seq_len: int, generator: torch.Generator | None = None,
-              device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Random windows: inputs (B, T) and next-token targets (B, T), int64."""
+              device="cpu", rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows: inputs (B, T) and next-token targets (B, T), int64. With `world` processes, every one
+    draws the same B windows and keeps its share, rows rank * B / world onwards (B / world of them)."""
     ix = torch.randint(len(data) - seq_len, (batch_size,), generator=generator)
-    win = torch.stack([data[i:i + seq_len + 1] for i in ix.tolist()]).long()  # (B, T + 1)
+    win = torch.stack([data[i:i + seq_len + 1] for i in ix.tolist()]).long().chunk(world)[rank]   # (B, T + 1)
     x, y = win[:, :-1], win[:, 1:]
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda"):     # pinned memory: the copy does not wait for the GPU to finish
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
 

@@ -251,8 +251,7 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
         for step in bar:
             for g in opt.param_groups:
                 g["lr"] = adapter_lr_at(step, iters, lr, warmup)
-            x, y = get_batch(train_data, batch_size, seq_len, gen)          # (B, T) each, the same on every rank
-            x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)     # this rank's share
+            x, y = get_batch(train_data, batch_size, seq_len, gen, device, rank, world)  # this rank's share
             with torch.no_grad():
                 t_logits = teacher(x) if loss != "ce" else None             # (B, T, V)
             step_loss = adapter_loss(fwd(x), y, t_logits, loss)

@@ -269,8 +269,7 @@ def main(argv=None) -> dict:
                 g["lr"] = lr_at(step, s)
             total = 0.0
             for micro in range(accum):
-                x, y = get_batch(train_data, B, T, gen)                # the whole batch, as on every rank
-                x, y = x.chunk(world)[rank].to(device), y.chunk(world)[rank].to(device)   # this rank's share
+                x, y = get_batch(train_data, B, T, gen, device, rank, world)    # this rank's share
                 last = micro == accum - 1                              # gradients are averaged only then
                 if sharded:
                     model.set_requires_gradient_sync(last)
