@@ -1,27 +1,24 @@
 """
-lora.py -- LoRA written out by hand: accuracy-recovery adapters on the frozen palettized model, and feature
-adapters that start from them.
+lora.py -- LoRA by hand: accuracy-recovery adapters on the frozen palettized model, and feature adapters that
+start from them.
 
 Follows section 5 of Gunter et al. 2024, "Apple Intelligence Foundation Language Models" (arXiv 2407.21075):
-  * Adapters (5.1): rank-16 LoRA modules, 16-bit values, on every projection of self-attention (q, k, v, o) and of
-    the feed-forward layer (gate, up, down) in every block; the base stays frozen, and adapters are swapped at run
-    time on one loaded base.
-  * Accuracy recovery (5.2): the palettized model (palettize.py) is frozen and a LoRA adapter is trained to repair
-    its errors; every feature adapter then starts from that recovery adapter instead of from zero.
+rank-16 LoRA adapters with 16-bit values on every projection of attention (q, k, v, o) and of the feed-forward
+layer (gate, up, down); the base stays frozen and adapters are swapped at run time on it (5.1). After
+palettization (palettize.py) an accuracy-recovery adapter repairs the frozen quantized model, and feature
+adapters start from it instead of from zero (5.2).
 
-Read in this order: `LoRALinear` (the math), `add_adapters`, the adapter file (`save_adapter` / `load_adapter`,
-bound to its base by a fingerprint), `train_adapters`, then the command line. Recovery trains on the checkpoint's
-own corpus with next-token cross entropy (the paper's pre-training loss; `--loss kl` distils the float model's
-logits instead). `tiny` is under-trained, so cross entropy also keeps teaching it the corpus; to separate that from
-repair, the run trains the same adapter on the float model too (`--control`) and reports the gap left between the
-two adapted models (`gap_closed_matched`). Under torchrun the adapter training is data-parallel (DDP); the frozen
-base is replicated.
+Read in this order: `LoRALinear` (the math), `add_adapters`, the adapter file (`save_adapter` /
+`load_adapter`, bound to its base by a fingerprint), `train_adapters`, then the command line. Recovery
+trains on the base's own corpus with next-token cross entropy (the paper's pre-training loss; `--loss kl`
+distils the float model's logits instead). A small under-trained model also keeps learning the corpus under
+cross entropy, so the run trains the same adapter on the float model too (`--control`) and reports the gap
+left between the two (`gap_closed_matched`). Under torchrun the adapter trains data-parallel (DDP).
 
-Run:
-    python lora.py                                    # out/palettized.pt (+ teacher out/ckpt.pt) -> out/adapter_recovery.pt
-    python lora.py --task pydoc --init recovery       # feature adapter on Python's docs -> out/adapter_pydoc.pt
-    python lora.py --task pydoc --init zero           # the same from the standard init -> out/adapter_pydoc_zero.pt
-    python lora.py --eval --adapter out/adapter_pydoc.pt --data pydoc    # validation bpb of base + adapter
+    python lora.py                               # out/palettized.pt, out/ckpt.pt -> out/adapter_recovery.pt
+    python lora.py --task pydoc --init recovery  # a feature adapter on Python's docs -> out/adapter_pydoc.pt
+    python lora.py --task pydoc --init zero      # the same from the standard init -> adapter_pydoc_zero.pt
+    python lora.py --eval --adapter out/adapter_pydoc.pt --data pydoc      # validation bpb of base + adapter
 Ctrl-C ends training early without losing it: the adapter so far is evaluated and saved (`iters_done`).
 """
 from __future__ import annotations
@@ -45,7 +42,8 @@ from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palet
 
 
 class AdapterError(Exception):
-    """An adapter that does not fit the model it is loaded onto, or a bad adapter request. One-line message."""
+    """An adapter that does not fit the model it is loaded onto, or a bad adapter request. One-line message.
+    """
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -56,8 +54,8 @@ class LoRALinear(nn.Module):
 
         y = base(x) + (alpha / r) * B(A(x))          A: (r, in), B: (out, r)
 
-    `base` is nn.Linear or PalettizedLinear, left untouched. A starts Kaiming-uniform (as nn.Linear's weight) and
-    B at zero, so a fresh adapter changes nothing. alpha / r is the LoRA paper's scaling: changing the rank at a
+    `base` is nn.Linear or PalettizedLinear, left untouched. A starts Kaiming-uniform (as nn.Linear's weight)
+    and B at zero, so a fresh adapter changes nothing. alpha / r is the LoRA paper's scaling: the rank at a
     fixed alpha keeps the update's size; the default alpha = 2 r is a scale of 2."""
 
     def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0):
@@ -91,14 +89,15 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
 def targeted_layers(model: nn.Module, targets) -> dict[str, nn.Module]:
     """{name: module} of the linear-like modules whose last name component is in `targets` (not LoRA ones)."""
     return {name: m for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features") and not isinstance(m, LoRALinear)}
+            if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")
+            and not isinstance(m, LoRALinear)}
 
 
 def add_adapters(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=PROJECTIONS) -> list[str]:
     """Freeze all of `model` and wrap each target projection in a LoRALinear, in place; returns the wrapped
     names. The A matrices draw from torch's global RNG (seed it first)."""
     if adapters(model):
-        raise AdapterError("the model already has adapters; remove_adapters() first, or load_adapter() to swap")
+        raise AdapterError("the model already has adapters: remove_adapters() first, or load_adapter()")
     found = targeted_layers(model, targets)
     missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in found)]
     if missing or not targets:
@@ -119,7 +118,8 @@ def remove_adapters(model: nn.Module) -> None:
 
 
 def adapter_config(model: nn.Module) -> dict | None:
-    """{rank, alpha, targets} of the attached adapters (targets in PROJECTIONS order), or None if there are none."""
+    """{rank, alpha, targets} of the attached adapters (targets in PROJECTIONS order), or None if there are
+    none."""
     mods = adapters(model)
     if not mods:
         return None
@@ -174,18 +174,22 @@ def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
     one-line AdapterError and `model` untouched, an adapter of another base, rank or targets."""
     ckpt = load_checkpoint(path, "adapter", map_location)
     cfg = ckpt["config"]
-    if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg) and isinstance(ckpt.get("adapter"),
+    if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg)
+            and isinstance(ckpt.get("adapter"),
                                                                                               dict)):
         raise AdapterError(f"{path}: not an adapter file of this project (config or tensors missing)")
     fp = fingerprint(model)
     if ckpt.get("fingerprint") != fp:
-        raise AdapterError(f"{path}: trained on a different base (fingerprint {str(ckpt.get('fingerprint'))[:12]}, "
+        raise AdapterError(f"{path}: trained on a different base (fingerprint "
+                           f"{str(ckpt.get('fingerprint'))[:12]}, "
                            f"this base {fp[:12]})")
     attached = adapter_config(model)
-    if attached is not None and (attached["rank"], set(attached["targets"])) != (cfg["rank"], set(cfg["targets"])):
+    if attached and (attached["rank"], set(attached["targets"])) != (cfg["rank"], set(cfg["targets"])):
         raise AdapterError(f"{path}: rank {cfg['rank']}, targets {','.join(cfg['targets'])} do not match the "
-                           f"attached adapters' rank {attached['rank']}, targets {','.join(attached['targets'])}")
-    layers = {n: m.base for n, m in adapters(model).items()} if attached else targeted_layers(model, cfg["targets"])
+                           f"attached adapters' rank {attached['rank']}, targets "
+                           f"{','.join(attached['targets'])}")
+    layers = ({n: m.base for n, m in adapters(model).items()} if attached
+              else targeted_layers(model, cfg["targets"]))
     r = cfg["rank"]
     want = {k: s for n, m in layers.items()
             for k, s in ((f"{n}.lora_A", (r, m.in_features)), (f"{n}.lora_B", (m.out_features, r)))}
@@ -229,8 +233,8 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
                    device="cpu", teacher=None, loss: str = "ce", callback=None, progress: bool = True,
                    stop_at: int | None = None) -> list[float]:
     """AdamW on the adapter tensors only; returns the training loss of every step taken. `callback(step)` runs
-    before step 0 and after every step. Ctrl-C (or `stop_at`, the same for tests) ends training early and keeps
-    what was learned. Under torchrun each rank trains on its slice of every batch and DDP averages the
+    before step 0 and after every step. Ctrl-C (or `stop_at`, the same for tests) ends training early and
+    keeps what was learned. Under torchrun each rank trains on its slice of every batch and DDP averages the
     gradients, so the run is that of one process with the same batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -238,8 +242,9 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     if loss != "ce" and teacher is None:
         raise AdapterError(f"--loss {loss} needs a teacher model")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    fwd = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(   # the frozen base is the same everywhere
-        model, device_ids=[device] if str(device).startswith("cuda") else None, broadcast_buffers=False)
+    fwd = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
+        model, device_ids=[device] if str(device).startswith("cuda") else None,
+        broadcast_buffers=False)                               # the frozen base is the same everywhere
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
     warmup, losses = max(1, iters // 20), []
@@ -280,56 +285,48 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
-        description="Train LoRA adapters on the frozen palettized model: accuracy recovery (default), a feature "
-                    "adapter (--task NAME --init recovery|zero), or evaluate an adapter (--eval).",
+        description="Train LoRA adapters on the frozen palettized model: accuracy recovery (default), a "
+                    "feature adapter (--task NAME --init recovery|zero), or evaluate one (--eval).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--task", default="recovery", help="'recovery', or a feature name (trains on --data, default "
-                                                       "the corpus of that name, e.g. pydoc)")
-    ap.add_argument("--init", choices=("recovery", "zero"), default="recovery",
-                    help="feature adapters: start from the recovery adapter (--adapter) or from the standard init")
-    ap.add_argument("--eval", action="store_true", help="only print the validation bpb of --base + --adapter")
-    ap.add_argument("--out-dir", default="out", help="outputs go here; default inputs are read from here too")
-    ap.add_argument("--base", default=None, help="palettized checkpoint (default: OUT_DIR/palettized.pt); "
-                                                 "--eval takes a float one too")
-    ap.add_argument("--teacher", default=None, help="float checkpoint, for recovery (default: OUT_DIR/ckpt.pt)")
-    ap.add_argument("--adapter", default=None, help="adapter to start from (--init recovery) or to evaluate; "
-                                                    "'none' = bare base (default: OUT_DIR/adapter_recovery.pt)")
-    ap.add_argument("--data", default=None, help="corpus: 'bible', 'pydoc' or a text file (default: the base's "
-                                                 "training corpus for recovery and --eval, else the task name)")
-    ap.add_argument("--loss", choices=("ce", "kl", "mix"), default="ce",
-                    help="recovery loss: next-token CE, KL from the teacher's logits, or their mean")
-    ap.add_argument("--control", action=argparse.BooleanOptionalAction, default=True,
-                    help="recovery with ce or mix: also train the same adapter on the float model and report the "
-                         "gap left between the two (doubles the training time)")
-    ap.add_argument("--rank", type=int, default=None, help="LoRA rank (default: 16, or the --adapter file's)")
-    ap.add_argument("--alpha", type=float, default=None, help="LoRA alpha; scale = alpha / rank (default: 2 x rank)")
-    ap.add_argument("--targets", default=",".join(PROJECTIONS), help="comma-separated projections to adapt")
-    ap.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 2e-3 recovery, 1e-3 "
-                                                           "features)")
-    ap.add_argument("--iters", type=int, default=None, help="training steps (default: 300 recovery, 100 features)")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
-    ap.add_argument("--seq-len", type=int, default=None, help="context length (default: the model's max_seq_len)")
-    ap.add_argument("--eval-windows", type=int, default=256, help="validation windows per evaluation")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the adapter init and the batches")
-    ap.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (cuda if available)")
-    ap.add_argument("--stop-at", type=int, default=None,
-                    help="stop after this step as if interrupted: the adapter so far is evaluated and saved")
+    add = ap.add_argument
+    add("--task", default="recovery", help="'recovery', or a feature name (e.g. pydoc: trains on --data)")
+    add("--init", choices=("recovery", "zero"), default="recovery",
+        help="feature adapters: start from the recovery adapter (--adapter) or from the standard init")
+    add("--eval", action="store_true", help="only print the validation bpb of --base + --adapter")
+    add("--out-dir", default="out", help="outputs go here; default inputs are read from here too")
+    add("--base", help="palettized checkpoint (default: OUT_DIR/palettized.pt); --eval takes a float one too")
+    add("--teacher", help="float checkpoint, for recovery (default: OUT_DIR/ckpt.pt)")
+    add("--adapter", help="adapter to start from (--init recovery) or to evaluate; 'none' = the bare base "
+                          "(default: OUT_DIR/adapter_recovery.pt)")
+    add("--data", help="'bible', 'pydoc' or a text file (default: the base's corpus; a feature: its name)")
+    add("--loss", choices=("ce", "kl", "mix"), default="ce",
+        help="recovery loss: next-token CE, KL from the teacher's logits, or their mean")
+    add("--control", action=argparse.BooleanOptionalAction, default=True,
+        help="recovery with ce or mix: also train the same adapter on the float model (twice the time)")
+    add("--rank", type=int, help="LoRA rank (default: 16, or the --adapter file's)")
+    add("--alpha", type=float, help="LoRA alpha, scale = alpha / rank (default: 2 x rank)")
+    add("--targets", default=",".join(PROJECTIONS), help="comma-separated projections to adapt")
+    add("--lr", type=float, help="peak learning rate (default: 2e-3 recovery, 1e-3 features)")
+    add("--iters", type=int, help="training steps (default: 300 recovery, 100 features)")
+    add("--batch-size", type=int, default=16, help="sequences per step, all processes together")
+    add("--seq-len", type=int, help="context length (default: the model's max_seq_len)")
+    add("--eval-windows", type=int, default=256, help="validation windows per evaluation")
+    add("--seed", type=int, default=0, help="seed of the adapter init and the batches")
+    add("--device", default="auto", help="cpu, cuda[:N] or auto (cuda if available)")
+    add("--stop-at", type=int, help="stop after this step as if interrupted (the adapter is kept)")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
-    """Run the script (recovery, a feature adapter, or --eval)."""
-    t0 = time.time()
-    a = parse_args(argv)
+    """Run the script: recovery, a feature adapter, or --eval."""
+    t0, a = time.time(), parse_args(argv)
     try:
         for flag in ("rank", "iters", "batch_size", "seq_len", "eval_windows", "stop_at", "lr", "alpha"):
             if getattr(a, flag) is not None and not getattr(a, flag) > 0:
                 raise AdapterError(f"--{flag.replace('_', '-')} must be positive, got {getattr(a, flag)}")
         a.targets = [t for t in a.targets.split(",") if t]
-        if not a.targets:
-            raise AdapterError("--targets is empty")
-        if os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir):
-            raise AdapterError(f"--out-dir {a.out_dir}: exists and is not a directory")
+        if not a.targets or (os.path.exists(a.out_dir) and not os.path.isdir(a.out_dir)):
+            raise AdapterError("--targets is empty" if not a.targets else f"--out-dir {a.out_dir}: a file")
         rank, world, a.device = init_distributed(a.device)
         if a.batch_size % world:
             raise AdapterError(f"--batch-size {a.batch_size} must be a multiple of the {world} processes")
@@ -338,25 +335,20 @@ def main(argv=None):
         a.teacher = a.teacher or os.path.join(a.out_dir, "ckpt.pt")
         a.adapter = a.adapter or os.path.join(a.out_dir, "adapter_recovery.pt")
         a.lr, a.iters = a.lr or (2e-3 if recovery else 1e-3), a.iters or (300 if recovery else 100)
-        if a.eval and load_checkpoint(a.base, kind=None)["kind"] == "model":     # --eval takes a float model too
-            base, ckpt = load_model(a.base)
-        else:
-            base, ckpt = load_palettized(a.base)
+        float_base = a.eval and load_checkpoint(a.base, kind=None)["kind"] == "model"
+        base, ckpt = load_model(a.base) if float_base else load_palettized(a.base)
         a.base_data = (ckpt.get("report") or {}).get("data") or "bible"     # the corpus the base learned
         a.data = a.data or (a.base_data if recovery or a.eval else a.task)
-        a.tokenizer = tokenizer_from_checkpoint(ckpt)
-        a.seq_len = a.seq_len or base.config.max_seq_len
+        a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len
         if a.seq_len > base.config.max_seq_len:
-            raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's max_seq_len {base.config.max_seq_len}")
+            raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's {base.config.max_seq_len}")
         if a.eval:
             if a.adapter != "none":
                 load_adapter(a.adapter, base)
-            _, val = load_splits(a.data, a.seq_len, a.tokenizer)
-            print(f"{a.data} val bpb: {val_bpb(base.to(a.device), val, a):.4f}  (base {a.base}, adapter {a.adapter})")
-        elif recovery:
-            train_recovery(a, base, t0)
+            bpb = val_bpb(base.to(a.device), load_splits(a.data, a.seq_len, a.tokenizer)[1], a)
+            print(f"{a.data} val bpb: {bpb:.4f}  (base {a.base}, adapter {a.adapter})")
         else:
-            train_feature(a, base, t0)
+            (train_recovery if recovery else train_feature)(a, base, t0)
     except (AdapterError, CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
@@ -367,8 +359,20 @@ def val_bpb(model, val, a) -> float:
                     tokenizer=a.tokenizer)["bpb"]
 
 
+def write_adapter(a, model, name: str, json_name: str, report: dict, **extra) -> str:
+    """Save the adapter as OUT_DIR/adapter_<name>.pt and its report as OUT_DIR/<json_name> (rank 0 alone);
+    returns the adapter's path."""
+    path = os.path.join(a.out_dir, f"adapter_{name}.pt")
+    if a.leader:
+        save_adapter(path, model, name.removesuffix("_zero"), **extra)
+        report["adapter_bytes"] = os.path.getsize(path)
+        save_json(os.path.join(a.out_dir, json_name), report)
+    return path
+
+
 def train_recovery(a, base, t0) -> dict:
-    """The recovery adapter: train, evaluate against the float model (and the control), save; returns the report."""
+    """The recovery adapter: train it, measure it against the float model and the control, save; the report.
+    """
     teacher, _ = load_model(a.teacher)
     if teacher.config != base.config:
         raise AdapterError(f"{a.teacher}: its config ({teacher.config.name}) differs from the base's "
@@ -377,57 +381,50 @@ def train_recovery(a, base, t0) -> dict:
     teacher.to(a.device).eval().requires_grad_(False)
     base.to(a.device)
     rank = a.rank or 16
-    alpha = a.alpha or 2.0 * rank
+    alpha, log = a.alpha or 2.0 * rank, print if a.leader else (lambda *_: None)
     bpb_float, bpb_pal = val_bpb(teacher, val, a), val_bpb(base, val, a)
-    log = print if a.leader else (lambda *_: None)
-    log(f"val bpb on {a.data}: float {bpb_float:.4f}, palettized {bpb_pal:.4f} (gap {bpb_pal - bpb_float:+.4f})")
+    log(f"val bpb on {a.data}: float {bpb_float:.4f}, palettized {bpb_pal:.4f}")
     torch.manual_seed(a.seed)
     add_adapters(base, rank, alpha, a.targets)
     trainable, total = count_parameters(base)
-    log(f"adapters: rank {rank}, alpha {alpha:g} on {','.join(a.targets)}; trainable {trainable:,} of {total:,} "
-        f"parameters ({100 * trainable / total:.2f}%)")
+    log(f"adapters: rank {rank}, alpha {alpha:g} on {','.join(a.targets)}; {trainable:,} of {total:,} train")
+    kw = dict(iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
+              device=a.device, teacher=teacher, loss=a.loss)
     t_train = time.time()
-    kw = dict(iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed, device=a.device,
-              teacher=teacher, loss=a.loss)
     losses = train_adapters(base, train, stop_at=a.stop_at, **kw)
-    t_train, done = time.time() - t_train, len(losses)
-    bpb_rec = val_bpb(base, val, a)
-    bpb_ctrl = bpb_float if a.loss == "kl" else None        # KL(float || float) = 0: the float model would not move
+    t_train, done, bpb_rec = time.time() - t_train, len(losses), val_bpb(base, val, a)
+    bpb_ctrl = bpb_float if a.loss == "kl" else None     # KL(float || float) = 0: the float model stays
     if a.loss != "kl" and a.control and done == a.iters:
         log("control: the same adapter training on the float model ...")
-        student = copy.deepcopy(teacher)                     # a frozen copy stays the teacher
+        student = copy.deepcopy(teacher)                  # a frozen copy stays the teacher
         torch.manual_seed(a.seed)
         add_adapters(student, rank, alpha, a.targets)
         train_adapters(student, train, **kw)
         bpb_ctrl = val_bpb(student, val, a)
-    # A fraction of a gap that is within evaluation noise says nothing: then only the absolute numbers count.
-    gap = bpb_pal - bpb_float
+    gap = bpb_pal - bpb_float       # a fraction of a gap within evaluation noise says nothing: numbers only
     meaningful = gap > 1e-3 * bpb_float
     closed = (bpb_pal - bpb_rec) / gap if meaningful else None
     matched = 1.0 - (bpb_rec - bpb_ctrl) / gap if meaningful and bpb_ctrl is not None else None
-    path = os.path.join(a.out_dir, "adapter_recovery.pt")
     report = {
-        "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_recovered": bpb_rec,
-        "gap": gap, "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl, "gap_closed_matched": matched,
-        "base_bits_per_weight": base_bits_per_weight(base), "rank": rank, "alpha": alpha, "targets": a.targets,
+        "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_recovered": bpb_rec, "gap": gap,
+        "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl, "gap_closed_matched": matched,
+        "base_bits_per_weight": base_bits_per_weight(base), "rank": rank, "alpha": alpha,
+        "targets": a.targets,
         "trainable_params": trainable, "total_params": total, "iters": a.iters, "iters_done": done,
         "interrupted": done < a.iters, "seconds": time.time() - t0, "train_seconds": t_train, "loss": a.loss,
         "lr": a.lr, "batch_size": a.batch_size, "seq_len": a.seq_len, "seed": a.seed, "data": a.data,
-        "losses": losses, "base": a.base, "teacher": a.teacher,
-        "device": str(a.device),
+        "losses": losses, "base": a.base, "teacher": a.teacher, "device": str(a.device),
     }
-    if not a.leader:
-        return report
-    save_adapter(path, base, "recovery", loss=a.loss, val_bpb=bpb_rec, steps=done)
-    report["adapter_bytes"] = os.path.getsize(path)
-    save_json(os.path.join(a.out_dir, "lora_recovery.json"), report)
-    print(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f}, recovered {bpb_rec:.4f}; gap closed "
-          + (f"{100 * closed:.1f}%" if meaningful else f"n/a: the gap {gap:+.5f} is within noise")
-          + f" in {report['seconds']:.0f} s ({t_train:.0f} s training)")
+    path = write_adapter(a, base, "recovery", "lora_recovery.json", report, loss=a.loss, val_bpb=bpb_rec,
+                         steps=done)
+    log(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f}, recovered {bpb_rec:.4f}; gap closed "
+        + (f"{closed:.1%}" if meaningful else f"n/a: the gap {gap:+.5f} is within noise")
+        + f" in {report['seconds']:.0f} s ({t_train:.0f} s training)")
     if matched is not None:
-        print(f"control: the float model given the same adapter training reaches {bpb_ctrl:.4f}; the palettized "
-              f"one trails it by {bpb_rec - bpb_ctrl:+.4f} (was {gap:+.4f}): matched gap closed {100 * matched:.1f}%")
-    print(f"wrote {path} ({report['adapter_bytes']:,} bytes), {os.path.join(a.out_dir, 'lora_recovery.json')}")
+        log(f"control: the float model given the same adapter training reaches {bpb_ctrl:.4f}; the "
+            f"palettized one trails it by {bpb_rec - bpb_ctrl:+.4f} (was {gap:+.4f}): matched gap closed "
+            f"{matched:.1%}")
+    log(f"wrote {path} and lora_recovery.json")
     return report
 
 
@@ -441,42 +438,38 @@ def base_bits_per_weight(model: nn.Module) -> float:
 def train_feature(a, base, t0) -> dict:
     """A feature adapter on --data, from the recovery adapter or from zero; returns the report."""
     train, val = load_splits(a.data, a.seq_len, a.tokenizer)
-    _, orig_val = load_splits(a.base_data, a.seq_len, a.tokenizer)
+    orig_val = load_splits(a.base_data, a.seq_len, a.tokenizer)[1]
     torch.manual_seed(a.seed)
     if a.init == "recovery":
         load_adapter(a.adapter, base)
         cfg = adapter_config(base)
-        wanted = (a.rank or cfg["rank"], a.alpha or cfg["alpha"], set(a.targets))
-        if wanted != (cfg["rank"], cfg["alpha"], set(cfg["targets"])):
+        if (a.rank or cfg["rank"], a.alpha or cfg["alpha"], set(a.targets)) != \
+                (cfg["rank"], cfg["alpha"], set(cfg["targets"])):
             raise AdapterError(f"{a.adapter}: rank {cfg['rank']}, alpha {cfg['alpha']:g}, targets "
                                f"{','.join(cfg['targets'])} do not match --rank, --alpha, --targets")
     else:
         add_adapters(base, a.rank or 16, a.alpha or 2.0 * (a.rank or 16), a.targets)
-    cfg = adapter_config(base)
-    base.to(a.device)
-    trainable, total = count_parameters(base)
-    if a.leader:
-        print(f"feature adapter '{a.task}' on {a.data}, init {a.init}: rank {cfg['rank']}, alpha {cfg['alpha']:g}; "
-              f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    cfg, log = adapter_config(base), print if a.leader else (lambda *_: None)
+    trainable, total = count_parameters(base.to(a.device))
+    log(f"feature adapter '{a.task}' on {a.data}, init {a.init}: rank {cfg['rank']}, alpha {cfg['alpha']:g}; "
+        f"trainable {trainable:,} of {total:,}")
     steps, curve = {0, a.iters // 4, a.iters // 2, 3 * a.iters // 4, a.iters}, {}
 
     def at_step(step):
         if step in steps:
             curve[step] = val_bpb(base, val, a)
-            if a.leader:
-                tqdm.write(f"step {step}: {a.data} val bpb {curve[step]:.4f}")
+            log(f"step {step}: {a.data} val bpb {curve[step]:.4f}")
 
-    orig_start = val_bpb(base, orig_val, a)
-    t_train = time.time()
+    orig_start, t_train = val_bpb(base, orig_val, a), time.time()
     done = len(train_adapters(base, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                              seed=a.seed, device=a.device, loss="ce", callback=at_step, stop_at=a.stop_at))
+                              seed=a.seed, device=a.device, callback=at_step, stop_at=a.stop_at))
     t_train = time.time() - t_train
     if done not in curve:                                            # interrupted between two evaluations
         curve[done] = val_bpb(base, val, a)
     orig_end = val_bpb(base, orig_val, a)
-    path = os.path.join(a.out_dir, f"adapter_{a.task}{'' if a.init == 'recovery' else '_zero'}.pt")
     report = {
-        "task": a.task, "data": a.data, "init": a.init, "init_adapter": a.adapter if a.init == "recovery" else None,
+        "task": a.task, "data": a.data, "init": a.init,
+        "init_adapter": a.adapter if a.init == "recovery" else None,
         "val_bpb_by_step": {str(s): curve[s] for s in sorted(curve)}, "orig_data": a.base_data,
         "orig_val_bpb_start": orig_start, "orig_val_bpb_end": orig_end, "forgetting": orig_end - orig_start,
         "rank": cfg["rank"], "alpha": cfg["alpha"], "trainable_params": trainable, "iters": a.iters,
@@ -484,15 +477,12 @@ def train_feature(a, base, t0) -> dict:
         "seq_len": a.seq_len, "seed": a.seed, "seconds": time.time() - t0, "train_seconds": t_train,
         "base": a.base, "device": str(a.device),
     }
-    if not a.leader:
-        return report
-    save_adapter(path, base, a.task, init=a.init, val_bpb=curve[done], steps=done)
-    report["adapter_bytes"] = os.path.getsize(path)
-    json_path = os.path.join(a.out_dir, f"lora_{a.task}_{a.init}.json")
-    save_json(json_path, report)
-    print(f"{a.data} val bpb by step: " + ", ".join(f"{s}: {curve[s]:.4f}" for s in sorted(curve)))
-    print(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} (forgetting {orig_end - orig_start:+.4f})")
-    print(f"wrote {path} ({report['adapter_bytes']:,} bytes), {json_path}")
+    name = a.task + ("" if a.init == "recovery" else "_zero")
+    path = write_adapter(a, base, name, f"lora_{a.task}_{a.init}.json", report, init=a.init,
+                         val_bpb=curve[done], steps=done)
+    log(f"{a.data} val bpb by step: " + ", ".join(f"{s}: {curve[s]:.4f}" for s in sorted(curve)))
+    log(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} (forgetting {orig_end - orig_start:+.4f})")
+    log(f"wrote {path} and lora_{a.task}_{a.init}.json")
     return report
 
 
