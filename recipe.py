@@ -48,45 +48,48 @@ def report(out_dir: str, name: str) -> dict | None:
 
 def results_table(out_dir: str = "out") -> str:
     """A Markdown table of what each step of the recipe cost and gained, from out_dir's JSON reports alone."""
-    tr, pal, rec, exp = (report(out_dir, n) for n in ("train.json", "palettize.json", "lora_recovery.json",
-                                                       "export.json"))
+    tr, pal, rec, exp = (report(out_dir, n) for n in
+                         ("train.json", "palettize.json", "lora_recovery.json", "export.json"))
     uniform = [r for b in (4, 2) if (r := report(os.path.join(out_dir, f"uniform_{b}bit"), "palettize.json"))]
     feats = {i: report(out_dir, f"lora_pydoc_{i}.json") for i in ("recovery", "zero")}
     mb = lambda n: f"{n / 1e6:.2f} MB"                                          # noqa: E731
-    lines = ["| step | model | val bpb | bytes | command |", "|---|---|---|---|---|"]
+    rows = ["| step | model | val bpb | bytes | command |", "|---|---|---|---|---|"]
     if tr:
-        lines.append(f"| train | `{tr['config']['name']}` float, {tr['params'] / 1e6:.2f}M params, {tr['iters']} "
-                     f"steps, {tr['seconds']:.0f} s, {tr['tokens_per_second']:,.0f} tok/s | {tr['val_bpb']:.4f} | "
-                     f"{mb(pal['float_bytes']) + ' (fp16)' if pal else ''} | `python train.py` |")
+        rows.append(f"| train | `{tr['config']['name']}` float, {tr['params'] / 1e6:.2f}M params, "
+                    f"{tr['iters']} steps, {tr['seconds']:.0f} s, {tr['tokens_per_second']:,.0f} tok/s | "
+                    f"{tr['val_bpb']:.4f} | {mb(pal['float_bytes']) + ' (fp16)' if pal else ''} | "
+                    f"`python train.py` |")
     for p in uniform + ([pal] if pal else []):
-        kind = (f"uniform {p['uniform_bits']}-bit" if p["uniform_bits"] else "mixed 2/4-bit") \
-            + (", Fisher-weighted k-means" if p.get("sensitivity") else "")
-        flags = f"--bits {p['uniform_bits']} --out-dir {out_dir}/uniform_{p['uniform_bits']}bit" \
-            if p["uniform_bits"] else f"--bpw {p['target_bpw']}"
-        lines.append(f"| palettize | {kind}, {p['bits_per_weight']:.2f} bits/weight | {p['val_bpb_palettized']:.4f} "
-                     f"({p['val_bpb_rise']:+.2%}) | {mb(p['model_bytes'])} | `python palettize.py {flags}` |")
+        b = p["uniform_bits"]
+        kind = (f"uniform {b}-bit" if b else "mixed 2/4-bit") + (", Fisher-weighted" * bool(p["sensitivity"]))
+        flags = f"--bits {b} --out-dir {out_dir}/uniform_{b}bit" if b else f"--bpw {p['target_bpw']}"
+        rows.append(f"| palettize | {kind}, {p['bits_per_weight']:.2f} bits/weight | "
+                    f"{p['val_bpb_palettized']:.4f} ({p['val_bpb_rise']:+.2%}) | {mb(p['model_bytes'])} | "
+                    f"`python palettize.py {flags}` |")
     if rec:
         closed = (f"closes {rec['gap_closed']:.0%} of the gap" if rec["gap_closed"] is not None
                   else f"gap {rec['gap']:+.4f} is within noise")
         if rec.get("gap_closed_matched") is not None and rec["loss"] != "kl":
             closed += (f"; the float model given the same adapter training reaches "
-                       f"{rec['val_bpb_float_adapted']:.4f}, so {rec['gap_closed_matched']:.0%} is closed against it")
-        lines.append(f"| recovery adapter | rank {rec['rank']} LoRA on the {rec['base_bits_per_weight']:.2f}-bit "
-                     f"base, {rec['iters_done']} steps, {rec['seconds']:.0f} s, loss {rec['loss']} | "
-                     f"{rec['val_bpb_recovered']:.4f}, {closed} | +{mb(rec['adapter_bytes'])} | `python lora.py` |")
+                       f"{rec['val_bpb_float_adapted']:.4f}: {rec['gap_closed_matched']:.0%} closed against "
+                       f"it")
+        rows.append(f"| recovery adapter | rank {rec['rank']} LoRA on the "
+                    f"{rec['base_bits_per_weight']:.2f}-bit base, {rec['iters_done']} steps, "
+                    f"{rec['seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, {closed} | "
+                    f"+{mb(rec['adapter_bytes'])} | `python lora.py` |")
     if exp:
-        check = (f"max logit diff {exp['max_abs_logit_diff']:.3f}, argmax agreement {exp['argmax_agreement']:.1%}"
-                 if exp.get("verified") else "not verified")
-        lines.append(f"| export | Core ML package ({', '.join(exp['functions'])}) | {check} | "
-                     f"{mb(exp['package_bytes'])} (ideal {mb(exp['ideal_bytes'])}, floor "
-                     f"{exp['floor_over_ideal']:.2f}x) | `python export_ane.py` |")
-    table = "\n".join(lines)
+        check = (f"max logit diff {exp['max_abs_logit_diff']:.3f}, argmax agreement "
+                 f"{exp['argmax_agreement']:.1%}" if exp.get("verified") else "not verified")
+        rows.append(f"| export | Core ML package ({', '.join(exp['functions'])}) | {check} | "
+                    f"{mb(exp['package_bytes'])} (ideal {mb(exp['ideal_bytes'])}, floor "
+                    f"{exp['floor_over_ideal']:.2f}x) | `python export_ane.py` |")
+    table = "\n".join(rows)
     if all(feats.values()):
-        steps = sorted(set(feats["recovery"]["val_bpb_by_step"]) & set(feats["zero"]["val_bpb_by_step"]), key=int)
-        orig = feats["zero"].get("orig_data", "bible")
-        table += ("\n\nFeature adapter on Python's documentation (`pydoc` validation bpb by step; same steps and "
-                  "seed):\n\n| init | " + " | ".join(f"step {s}" for s in steps) + f" | {orig} bpb after |\n"
-                  + "|---|" + "---|" * (len(steps) + 1))
+        steps = sorted(set(feats["recovery"]["val_bpb_by_step"]) & set(feats["zero"]["val_bpb_by_step"]),
+                       key=int)
+        table += ("\n\nFeature adapter on Python's documentation (`pydoc` validation bpb by step; same steps "
+                  "and seed):\n\n| init | " + " | ".join(f"step {s}" for s in steps)
+                  + f" | {feats['zero']['orig_data']} bpb after |\n|---|" + "---|" * (len(steps) + 1))
         for init, f in feats.items():
             table += (f"\n| {init} | " + " | ".join(f"{f['val_bpb_by_step'][s]:.4f}" for s in steps)
                       + f" | {f['orig_val_bpb_end']:.4f} |")
@@ -94,7 +97,7 @@ def results_table(out_dir: str = "out") -> str:
 
 
 def write_table(out_dir: str = "out", readme: str | None = None) -> str:
-    """Print the table, write it to out_dir/results.md, and into `readme` between the results markers if given."""
+    """Print the table and write it to out_dir/results.md, and into `readme` between its markers if given."""
     body = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs, with "
             f"`python recipe.py`.\n\n{results_table(out_dir)}")
     print(body)
@@ -115,19 +118,19 @@ def write_table(out_dir: str = "out", readme: str | None = None) -> str:
 def main(argv=None) -> None:
     """Run the recipe's steps from --from on, then write the table."""
     names = list(dict.fromkeys(n for n, _ in STEPS))
-    ap = argparse.ArgumentParser(description="Run the whole recipe, step by step, then print its results table.")
+    ap = argparse.ArgumentParser(description="Run the whole recipe, step by step, then print its results.")
     ap.add_argument("--from", dest="start", choices=names, default=names[0],
                     help=f"the step to start at (default: {names[0]})")
-    ap.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table from out/*.json")
-    ap.add_argument("--readme", action="store_true", help="also write the table into README.md (default: off)")
+    ap.add_argument("--table-only", action="store_true", help="run nothing; the table from out/*.json")
+    ap.add_argument("--readme", action="store_true", help="also write the table into README.md (default: no)")
     a = ap.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
     todo = [] if a.table_only else [argv for name, argv in STEPS if names.index(name) >= names.index(a.start)]
     for i, step in enumerate(todo, 1):
         print(f"\n[{i}/{len(todo)}] python {' '.join(step)}", flush=True)
         if subprocess.run([sys.executable, os.path.join(here, step[0]), *step[1:]]).returncode:
-            raise SystemExit(f"error: `python {' '.join(step)}` failed; fix it, then `python recipe.py --from "
-                             f"{next(n for n, s in STEPS if s == step)}`")
+            name = next(n for n, s in STEPS if s == step)
+            raise SystemExit(f"error: `python {' '.join(step)}` failed (then: python recipe.py --from {name})")
     os.makedirs("out", exist_ok=True)
     write_table("out", os.path.join(here, "README.md") if a.readme else None)
 

@@ -2,8 +2,8 @@
 sample.py -- generate text from any checkpoint the recipe writes: a float model (train.py, pretrained.py), a
 palettized one (palettize.py), with or without an adapter (lora.py).
 
-Generation itself is model.Transformer.generate (a KV cache; greedy, or temperature with top-k); this file only
-loads the checkpoint and tokenizes (bytes, or the BPE vocabulary a pretrained checkpoint carries).
+Generation itself is model.Transformer.generate (a KV cache; greedy, or temperature with top-k); this file
+only loads the checkpoint and tokenizes (bytes, or the BPE vocabulary a pretrained checkpoint carries).
 
     python sample.py                                                   # out/ckpt.pt, a prompt from its corpus
     python sample.py --ckpt out/palettized.pt --adapter out/adapter_recovery.pt --prompt "And God said"
@@ -23,11 +23,11 @@ from palettize import load_palettized
 
 def main(argv=None) -> str:
     """Print (and return) the text generated from the prompt, or the answer to --chat."""
-    ap = argparse.ArgumentParser(description="Generate text from a float or palettized checkpoint (+ adapter).",
+    ap = argparse.ArgumentParser(description="Generate text from a float or palettized checkpoint.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--ckpt", default="out/ckpt.pt", help="model checkpoint: train.py, pretrained.py or palettize.py")
+    ap.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint of train, pretrained or palettize.py")
     ap.add_argument("--adapter", default=None, help="an adapter of lora.py on that (palettized) base")
-    ap.add_argument("--prompt", default=None, help="text to continue (default: the start of the model's corpus)")
+    ap.add_argument("--prompt", help="text to continue (default: the start of the model's corpus)")
     ap.add_argument("--chat", default=None, help="a question, asked in the checkpoint's chat template (a "
                                                  "pretrained.py checkpoint); greedy")
     ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
@@ -49,7 +49,8 @@ def main(argv=None) -> str:
             text = chat_answer(model, tokenizer, a.chat, a.max_new_tokens)
         else:
             if a.prompt is None:
-                corpus = ((ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}).get("data")
+                run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
+                corpus = run.get("data")
                 a.prompt = load_text(corpus or "bible")[:24]
             prompt = encode(a.prompt, tokenizer).long()[None]                   # (1, T)
             n = min(a.max_new_tokens, model.config.max_seq_len - prompt.shape[1])

@@ -1,5 +1,6 @@
 """Tests for lora.py on micro models (no out/ needed): LoRA math, freezing, adapter files, swapping,
 fingerprints, a short recovery run, the feature-adapter script and bad input."""
+
 import json
 import os
 
@@ -8,14 +9,26 @@ import torch
 import torch.nn as nn
 
 import lora
-from lora import (AdapterError, LoRALinear, add_adapters, adapter_config, adapters, count_parameters,
-                  fingerprint, load_adapter, remove_adapters, save_adapter, train_adapters)
+from lora import (
+    AdapterError,
+    LoRALinear,
+    add_adapters,
+    adapter_config,
+    adapters,
+    count_parameters,
+    fingerprint,
+    load_adapter,
+    remove_adapters,
+    save_adapter,
+    train_adapters,
+)
 from data import encode
 from model import CheckpointError, ModelConfig, Transformer, load_model, save_model
 from palettize import PROJECTIONS, PalettizedLinear, load_palettized, palettize_model, save_palettized
 
-MICRO = ModelConfig(name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                    max_seq_len=32)
+MICRO = ModelConfig(
+    name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=32
+)
 
 
 def palettized_model(seed=0, bits=4):
@@ -45,6 +58,7 @@ def base_state(model):
 # ---------------------------------------------------------------------------------------------------------
 # LoRALinear
 
+
 @pytest.mark.parametrize("seed", range(8))
 def test_lora_linear_math(seed):
     torch.manual_seed(seed)
@@ -53,13 +67,13 @@ def test_lora_linear_math(seed):
     base = nn.Linear(din, dout, bias=bool(seed % 2))
     m = LoRALinear(base, rank=r, alpha=alpha)
     x = torch.randn(3, 5, din)
-    assert torch.equal(m(x), base(x))                       # B = 0: a fresh adapter changes nothing
+    assert torch.equal(m(x), base(x))  # B = 0: a fresh adapter changes nothing
     assert m.lora_A.shape == (r, din) and m.lora_B.shape == (dout, r)
     with torch.no_grad():
         m.lora_B.normal_()
     want = base(x) + (alpha / r) * x @ m.lora_A.T @ m.lora_B.T
     torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
-    merged = base.weight + m.delta_weight()                  # merging gives the same layer
+    merged = base.weight + m.delta_weight()  # merging gives the same layer
     torch.testing.assert_close(m(x), nn.functional.linear(x, merged, base.bias), rtol=1e-4, atol=1e-4)
 
 
@@ -86,13 +100,23 @@ def test_only_adapters_train_and_base_is_bit_identical():
     assert len(trainable) == 2 * MICRO.n_layers * len(PROJECTIONS)
     data = torch.randint(0, 256, (4000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     for loss in ("ce", "kl", "mix"):
-        train_adapters(m, data, iters=3, lr=1e-2, batch_size=2, seq_len=16, seed=0, teacher=teacher, loss=loss,
-                       progress=False)
+        train_adapters(
+            m,
+            data,
+            iters=3,
+            lr=1e-2,
+            batch_size=2,
+            seq_len=16,
+            seed=0,
+            teacher=teacher,
+            loss=loss,
+            progress=False,
+        )
     after = base_state(m)
     assert after.keys() == before.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(m_.lora_B.abs().sum() > 0 for m_ in adapters(m).values())
-    assert fingerprint(m) == fp                               # adapters never change the base's fingerprint
+    assert fingerprint(m) == fp  # adapters never change the base's fingerprint
     remove_adapters(m)
     assert fingerprint(m) == fp and not adapters(m)
 
@@ -103,19 +127,20 @@ def test_parameter_counts():
     add_adapters(m, rank=4, alpha=8)
     t1, total1 = count_parameters(m)
     per_layer = sum(4 * (mod.in_features + mod.out_features) for mod in adapters(m).values())
-    assert t1 == per_layer                                    # only the adapters train
+    assert t1 == per_layer  # only the adapters train
     assert total1 == total0 + t1
     float_total = sum(p.numel() for p in Transformer(MICRO).parameters())
-    assert total0 == float_total                              # palettized weights count as the weights they replace
+    assert total0 == float_total  # palettized weights count as the weights they replace
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Fingerprints and adapter files
 
+
 def test_fingerprint_sees_every_base_tensor():
     m = palettized_model(2)
     fp = fingerprint(m)
-    assert fp == fingerprint(palettized_model(2))             # deterministic
+    assert fp == fingerprint(palettized_model(2))  # deterministic
     assert fp != fingerprint(palettized_model(3))
     g = torch.Generator().manual_seed(0)
     for name, t in list(m.state_dict().items()):
@@ -139,9 +164,13 @@ def test_adapter_file_size(tmp_path, rank):
     payload = sum(2 * rank * (x.in_features + x.out_features) for x in adapters(m).values())
     n_tensors = 2 * len(adapters(m))
     size = os.path.getsize(path)
-    assert payload < size <= payload + 8192 + 400 * n_tensors   # fp16 tensors + a small header
+    assert payload < size <= payload + 8192 + 400 * n_tensors  # fp16 tensors + a small header
     ck = torch.load(path, weights_only=True)
-    assert ck["kind"] == "adapter" and ck["config"]["rank"] == rank and ck["config"]["targets"] == list(PROJECTIONS)
+    assert (
+        ck["kind"] == "adapter"
+        and ck["config"]["rank"] == rank
+        and ck["config"]["targets"] == list(PROJECTIONS)
+    )
     assert all(t.dtype == torch.float16 for t in ck["adapter"].values())
     assert set(ck) == {"kind", "config", "fingerprint", "adapter"}
 
@@ -152,7 +181,7 @@ def test_save_load_same_outputs_on_reloaded_base(tmp_path):
     base1, _ = load_palettized(str(tmp_path / "pal.pt"))
     add_adapters(base1, rank=4, alpha=8)
     randomize_adapters(base1, 0)
-    with torch.no_grad():                                    # adapters are stored as fp16: round them first
+    with torch.no_grad():  # adapters are stored as fp16: round them first
         for a in adapters(base1).values():
             a.lora_A.copy_(a.lora_A.half().float())
             a.lora_B.copy_(a.lora_B.half().float())
@@ -182,14 +211,14 @@ def test_swap_adapters_on_one_base(tmp_path):
             outs[i] = m(x)
     assert not torch.allclose(outs[1], outs[2])
     assert not torch.allclose(outs[1], bare)
-    for i in (2, 1, 2):                                       # swapping back and forth is exact
+    for i in (2, 1, 2):  # swapping back and forth is exact
         load_adapter(str(tmp_path / f"a{i}.pt"), m)
         with torch.no_grad():
             assert torch.equal(m(x), outs[i])
-    remove_adapters(m)                                        # the bare base again
+    remove_adapters(m)  # the bare base again
     with torch.no_grad():
         assert torch.equal(m(x), bare)
-    load_adapter(str(tmp_path / "a1.pt"), m)                  # attaches adapters when there are none
+    load_adapter(str(tmp_path / "a1.pt"), m)  # attaches adapters when there are none
     with torch.no_grad():
         assert torch.equal(m(x), outs[1])
 
@@ -203,7 +232,7 @@ def test_fingerprint_mismatch_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="different base"):
         load_adapter(str(tmp_path / "a.pt"), other)
     assert not adapters(other) and base_state(other).keys() == before.keys()
-    also = palettized_model(6)                                # same weights, one LUT entry nudged
+    also = palettized_model(6)  # same weights, one LUT entry nudged
     with torch.no_grad():
         also.layers[1].ffn.down_proj.lut[0, 0] += 1e-3
     with pytest.raises(AdapterError, match="different base"):
@@ -226,7 +255,7 @@ def test_rank_and_target_mismatch_are_refused(tmp_path):
         load_adapter(str(tmp_path / "r4.pt"), m)
     assert all(torch.equal(A_before[n], x.lora_A) for n, x in adapters(m).items())  # untouched
     with pytest.raises(AdapterError):
-        add_adapters(m, rank=4)                               # already has adapters
+        add_adapters(m, rank=4)  # already has adapters
     remove_adapters(m)
     for bad in (0, -3):
         with pytest.raises(AdapterError, match="rank"):
@@ -246,6 +275,7 @@ def test_rank_and_target_mismatch_are_refused(tmp_path):
 # ---------------------------------------------------------------------------------------------------------
 # The script, end to end on a micro model
 
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A micro float model trained briefly on a small corpus, and its 2-bit palettization."""
@@ -255,6 +285,7 @@ def workdir(tmp_path_factory):
     text = " ".join(words[i] for i in torch.randint(0, len(words), (12000,), generator=g).tolist())
     (d / "corpus.txt").write_text(text)
     from data import load_splits, get_batch
+
     train, _ = load_splits(str(d / "corpus.txt"), 32)
     torch.manual_seed(0)
     m = Transformer(MICRO)
@@ -272,8 +303,23 @@ def workdir(tmp_path_factory):
 
 
 def run(workdir, *extra):
-    lora.main(["--out-dir", str(workdir), "--data", str(workdir / "corpus.txt"), "--seq-len", "32",
-               "--batch-size", "8", "--eval-windows", "32", "--device", "cpu", *extra])
+    lora.main(
+        [
+            "--out-dir",
+            str(workdir),
+            "--data",
+            str(workdir / "corpus.txt"),
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "8",
+            "--eval-windows",
+            "32",
+            "--device",
+            "cpu",
+            *extra,
+        ]
+    )
 
 
 def test_recovery_run_lowers_validation_loss(workdir):
@@ -282,7 +328,15 @@ def test_recovery_run_lowers_validation_loss(workdir):
     assert rep["val_bpb_recovered"] < rep["val_bpb_palettized"]
     assert rep["val_bpb_palettized"] > rep["val_bpb_float"]
     assert 0 < rep["gap_closed"] <= 1.5
-    for k in ("base_bits_per_weight", "rank", "alpha", "trainable_params", "adapter_bytes", "iters", "seconds"):
+    for k in (
+        "base_bits_per_weight",
+        "rank",
+        "alpha",
+        "trainable_params",
+        "adapter_bytes",
+        "iters",
+        "seconds",
+    ):
         assert k in rep
     assert rep["rank"] == 4 and rep["adapter_bytes"] == os.path.getsize(workdir / "adapter_recovery.pt")
     base, _ = load_palettized(str(workdir / "palettized.pt"))
@@ -290,7 +344,9 @@ def test_recovery_run_lowers_validation_loss(workdir):
     # The default loss is ce, so the float control ran: the matched gap is measured against it.
     assert rep["loss"] == "ce" and rep["val_bpb_float_adapted"] is not None
     gap = rep["val_bpb_palettized"] - rep["val_bpb_float"]
-    assert rep["gap_closed_matched"] == pytest.approx(1 - (rep["val_bpb_recovered"] - rep["val_bpb_float_adapted"]) / gap)
+    assert rep["gap_closed_matched"] == pytest.approx(
+        1 - (rep["val_bpb_recovered"] - rep["val_bpb_float_adapted"]) / gap
+    )
 
 
 @pytest.mark.parametrize("flags", [("--loss", "kl"), ("--no-control",)])
@@ -308,15 +364,25 @@ def test_recovery_control(workdir, flags):
 
 def test_feature_adapter_script(workdir):
     for init in ("recovery", "zero"):
-        run(workdir, "--task", "feat", "--init", init, "--iters", "8", "--lr", "1e-2",
-            *(["--rank", "4"] if init == "zero" else []))
+        run(
+            workdir,
+            "--task",
+            "feat",
+            "--init",
+            init,
+            "--iters",
+            "8",
+            "--lr",
+            "1e-2",
+            *(["--rank", "4"] if init == "zero" else []),
+        )
         rep = json.loads((workdir / f"lora_feat_{init}.json").read_text())
         assert list(rep["val_bpb_by_step"]) == ["0", "2", "4", "6", "8"]
         assert "orig_val_bpb_end" in rep and rep["orig_data"] == "bible" and rep["rank"] == 4
     assert (workdir / "adapter_feat.pt").exists() and (workdir / "adapter_feat_zero.pt").exists()
     r = json.loads((workdir / "lora_feat_recovery.json").read_text())
     z = json.loads((workdir / "lora_feat_zero.json").read_text())
-    assert r["val_bpb_by_step"]["0"] < z["val_bpb_by_step"]["0"]   # starts from the recovered model
+    assert r["val_bpb_by_step"]["0"] < z["val_bpb_by_step"]["0"]  # starts from the recovered model
 
 
 def test_bad_input_is_one_line_and_overwrites_nothing(workdir, tmp_path, capsys):
@@ -329,7 +395,7 @@ def test_bad_input_is_one_line_and_overwrites_nothing(workdir, tmp_path, capsys)
         ["--lr", "0"],
         ["--seq-len", "4096"],
         ["--targets", "q_proj,nope", "--iters", "1"],
-        ["--task", "feat", "--init", "recovery", "--rank", "8"],          # recovery adapter has rank 4
+        ["--task", "feat", "--init", "recovery", "--rank", "8"],  # recovery adapter has rank 4
         ["--task", "feat", "--init", "recovery", "--targets", "q_proj"],  # ... and all seven targets
         ["--task", "feat", "--init", "recovery", "--adapter", str(tmp_path / "missing.pt")],
         ["--task", "feat", "--init", "recovery", "--adapter", str(workdir / "ckpt.pt")],
@@ -356,17 +422,22 @@ def test_eval_mode(workdir, capsys):
 
 @pytest.mark.parametrize("task", ["recovery", "feat"])
 def test_interrupted_run_keeps_its_adapter(workdir, task):
-    """--stop-at N behaves like Ctrl-C after step N: the adapter trained so far is evaluated, saved and usable."""
+    """--stop-at N behaves like Ctrl-C after step N: the adapter trained so far is evaluated, saved and
+    usable."""
     extra = ["--task", task, "--init", "zero", "--rank", "4"] if task == "feat" else ["--rank", "4"]
     run(workdir, "--iters", "30", "--lr", "1e-2", "--stop-at", "3", *extra)
-    rep = json.loads((workdir / ("lora_recovery.json" if task == "recovery" else "lora_feat_zero.json")).read_text())
+    rep = json.loads(
+        (workdir / ("lora_recovery.json" if task == "recovery" else "lora_feat_zero.json")).read_text()
+    )
     assert rep["iters_done"] == 3 and rep["interrupted"] and rep["iters"] == 30
     if task == "recovery":
-        assert rep["val_bpb_float_adapted"] is None          # the control is skipped after an interrupt
+        assert rep["val_bpb_float_adapted"] is None  # the control is skipped after an interrupt
     else:
         assert list(rep["val_bpb_by_step"]) == ["0", "3"]
     base, _ = load_palettized(str(workdir / "palettized.pt"))
-    ck = load_adapter(str(workdir / ("adapter_recovery.pt" if task == "recovery" else "adapter_feat_zero.pt")), base)
+    ck = load_adapter(
+        str(workdir / ("adapter_recovery.pt" if task == "recovery" else "adapter_feat_zero.pt")), base
+    )
     assert ck["steps"] == 3
 
 
@@ -380,20 +451,40 @@ def test_train_adapters_stops_on_keyboard_interrupt():
         if step == 5:
             raise KeyboardInterrupt
 
-    losses = train_adapters(model, data, iters=20, lr=1e-2, batch_size=2, seq_len=16, seed=0, callback=interrupt,
-                            progress=False)
+    losses = train_adapters(
+        model, data, iters=20, lr=1e-2, batch_size=2, seq_len=16, seed=0, callback=interrupt, progress=False
+    )
     assert len(losses) == 5
     assert any(m.lora_B.abs().sum() > 0 for m in adapters(model).values())
 
 
 def test_recovery_defaults_to_the_base_corpus_and_a_tiny_gap_is_not_a_fraction(workdir, tmp_path, capsys):
-    """The base's own corpus (from its palettize report), not the Bible; and an 8-bit base, whose gap to the float
-    model is within noise, reports the absolute numbers instead of a huge percentage."""
+    """The base's own corpus (from its palettize report), not the Bible; and an 8-bit base, whose gap to the
+    float model is within noise, reports the absolute numbers instead of a huge percentage."""
     m, _ = load_model(str(workdir / "ckpt.pt"))
     palettize_model(m, 8)
     save_palettized(str(tmp_path / "palettized.pt"), m, report={"data": str(workdir / "corpus.txt")})
-    lora.main(["--out-dir", str(tmp_path), "--teacher", str(workdir / "ckpt.pt"), "--seq-len", "32", "--iters", "2",
-               "--batch-size", "8", "--eval-windows", "16", "--device", "cpu", "--rank", "4", "--no-control"])
+    lora.main(
+        [
+            "--out-dir",
+            str(tmp_path),
+            "--teacher",
+            str(workdir / "ckpt.pt"),
+            "--seq-len",
+            "32",
+            "--iters",
+            "2",
+            "--batch-size",
+            "8",
+            "--eval-windows",
+            "16",
+            "--device",
+            "cpu",
+            "--rank",
+            "4",
+            "--no-control",
+        ]
+    )
     rep = json.loads((tmp_path / "lora_recovery.json").read_text())
     assert rep["data"] == str(workdir / "corpus.txt")
     assert abs(rep["gap"]) < 1e-3 * rep["val_bpb_float"] and rep["gap_closed"] is None
@@ -401,19 +492,55 @@ def test_recovery_defaults_to_the_base_corpus_and_a_tiny_gap_is_not_a_fraction(w
 
 
 def test_recovery_under_torchrun_matches_one_process(workdir, tmp_path):
-    """2 CPU processes (gloo, DDP) train the adapter on halves of each batch: the loss curve of one process."""
+    """2 CPU processes (gloo, DDP) train the adapter on halves of each batch: the loss curve of one process.
+    """
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = ["--base", str(workdir / "palettized.pt"), "--teacher", str(workdir / "ckpt.pt"), "--data",
-             str(workdir / "corpus.txt"), "--seq-len", "32", "--batch-size", "8", "--eval-windows", "16",
-             "--device", "cpu", "--iters", "5", "--lr", "1e-2", "--rank", "4", "--no-control"]
+    flags = [
+        "--base",
+        str(workdir / "palettized.pt"),
+        "--teacher",
+        str(workdir / "ckpt.pt"),
+        "--data",
+        str(workdir / "corpus.txt"),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "8",
+        "--eval-windows",
+        "16",
+        "--device",
+        "cpu",
+        "--iters",
+        "5",
+        "--lr",
+        "1e-2",
+        "--rank",
+        "4",
+        "--no-control",
+    ]
     lora.main(["--out-dir", str(tmp_path / "one"), *flags])
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        os.path.join(root, "lora.py"), "--out-dir", str(tmp_path / "two"), *flags],
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            os.path.join(root, "lora.py"),
+            "--out-dir",
+            str(tmp_path / "two"),
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
-    assert (p.stdout + p.stderr).count("wrote ") == 1                    # rank 0 alone writes
+    assert (p.stdout + p.stderr).count("wrote ") == 1  # rank 0 alone writes
     one, two = (json.loads((tmp_path / d / "lora_recovery.json").read_text()) for d in ("one", "two"))
     torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-5)
     assert abs(two["val_bpb_recovered"] - one["val_bpb_recovered"]) < 1e-4

@@ -1,14 +1,28 @@
 """Tests of model.py: the AFM-style architecture, cached decoding, parameter counts and checkpoints."""
+
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (CONFIGS, CheckpointError, ModelConfig, Transformer, apply_rope, count_params, load_checkpoint,
-                   load_model, rope_tables, save_checkpoint, save_model)
+from model import (
+    CONFIGS,
+    CheckpointError,
+    ModelConfig,
+    Transformer,
+    apply_rope,
+    count_params,
+    load_checkpoint,
+    load_model,
+    rope_tables,
+    save_checkpoint,
+    save_model,
+)
 
-SMALL = ModelConfig(name="test", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, max_seq_len=48)
+SMALL = ModelConfig(
+    name="test", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=96, max_seq_len=48
+)
 
 
 def make(cfg=SMALL, seed=0):
@@ -39,7 +53,7 @@ def test_named_configs_build_and_have_valid_shapes(name):
     c = CONFIGS[name]
     assert c.n_kv_heads < c.n_heads and c.n_heads % c.n_kv_heads == 0
     for dim in (c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim):
-        assert dim % 16 == 0        # palettization groups of 16 channels
+        assert dim % 16 == 0  # palettization groups of 16 channels
 
 
 @pytest.mark.parametrize("B,T", [(1, 1), (3, 17), (2, 48)])
@@ -67,7 +81,7 @@ def test_causality():
         y[:, t] = (y[:, t] + 1 + torch.randint(0, 255, (2,), generator=g)) % 256
         a, b = m(x), m(y)
         torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-5)
-        assert (a[:, t] - b[:, t]).abs().max() > 1e-4     # the changed position itself does change
+        assert (a[:, t] - b[:, t]).abs().max() > 1e-4  # the changed position itself does change
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -79,7 +93,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     sd = gqa.state_dict()
     for k in list(sd):
         if k.endswith(("k_proj.weight", "v_proj.weight")):
-            w = sd[k].view(SMALL.n_kv_heads, hd, SMALL.dim)              # (kv_heads, head_dim, dim)
+            w = sd[k].view(SMALL.n_kv_heads, hd, SMALL.dim)  # (kv_heads, head_dim, dim)
             sd[k] = w.repeat_interleave(group, dim=0).reshape(SMALL.n_heads * hd, SMALL.dim)
     mha.load_state_dict(sd)
     for seed in range(5):
@@ -101,8 +115,10 @@ def test_attention_matches_hand_written_reference():
         v = attn.v_proj(x).view(B, T, c.n_kv_heads, c.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         rep = c.n_heads // c.n_kv_heads
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)   # query head h uses kv head h // rep
-        scores = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)                  # (B, H, T, T)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(
+            rep, dim=1
+        )  # query head h uses kv head h // rep
+        scores = q @ k.transpose(-1, -2) / math.sqrt(c.head_dim)  # (B, H, T, T)
         scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
         y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
         torch.testing.assert_close(attn(x, cos, sin), attn.o_proj(y), rtol=1e-5, atol=1e-5)
@@ -115,9 +131,9 @@ def test_rope_scores_depend_only_on_relative_position():
         g = torch.Generator().manual_seed(seed)
         q, k = torch.randn(hd, generator=g), torch.randn(hd, generator=g)
         # the same q and k vectors placed at every position, rotated by their position
-        qr = apply_rope(q.expand(1, 1, T, hd), cos, sin)[0, 0]          # (T, hd)
+        qr = apply_rope(q.expand(1, 1, T, hd), cos, sin)[0, 0]  # (T, hd)
         kr = apply_rope(k.expand(1, 1, T, hd), cos, sin)[0, 0]
-        scores = qr @ kr.T                                               # scores[i, j] = f(i - j)
+        scores = qr @ kr.T  # scores[i, j] = f(i - j)
         i, j, s = (int(v) for v in torch.randint(0, T // 2, (3,), generator=g))
         torch.testing.assert_close(scores[i, j], scores[i + s, j + s], rtol=1e-4, atol=1e-4)
         # and rotation keeps norms: position 0 is the identity
@@ -141,9 +157,12 @@ def test_cached_decoding_equals_full_forward():
         # random chunking: a prefill of random length, then random-length chunks (often single tokens)
         pos, outs = 0, []
         while pos < T:
-            n = int(torch.randint(1, T - pos + 1, (1,), generator=g)) if pos == 0 else \
-                min(T - pos, int(torch.randint(1, 4, (1,), generator=g)))
-            outs.append(m(x[:, pos:pos + n], cache=cache, pos=pos))
+            n = (
+                int(torch.randint(1, T - pos + 1, (1,), generator=g))
+                if pos == 0
+                else min(T - pos, int(torch.randint(1, 4, (1,), generator=g)))
+            )
+            outs.append(m(x[:, pos : pos + n], cache=cache, pos=pos))
             pos += n
         torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-4)
 
@@ -164,8 +183,15 @@ def test_generate_with_and_without_cache_agree():
 
 def test_afm_on_device_parameter_counts():
     c = CONFIGS["afm-on-device"]
-    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (3072, 26, 24, 8, 128, 49_152)
-    n = count_params(c)                       # on the meta device: no memory
+    assert (c.dim, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.vocab_size) == (
+        3072,
+        26,
+        24,
+        8,
+        128,
+        49_152,
+    )
+    n = count_params(c)  # on the meta device: no memory
     assert n["embedding_params"] == 49_152 * 3072 == 150_994_944
     assert abs(n["non_embedding_params"] - 2.58e9) / 2.58e9 < 0.02
     assert n["params"] == n["non_embedding_params"] + n["embedding_params"]
@@ -181,7 +207,7 @@ def test_checkpoint_round_trip(tmp_path):
         assert k == k2 and torch.equal(a, b)
     x = torch.randint(0, 256, (2, 12))
     torch.testing.assert_close(m(x), m2.eval()(x), rtol=0, atol=0)
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]   # atomic save left no temp file
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]  # atomic save left no temp file
 
 
 def _assert_one_line_naming(err, path):
@@ -208,7 +234,7 @@ def test_missing_truncated_and_foreign_checkpoints(tmp_path):
     text = str(tmp_path / "text.pt")
     open(text, "w").write("not a checkpoint\n")
     plain = str(tmp_path / "plain.pt")
-    torch.save({"weights": torch.zeros(3)}, plain)            # a torch file, but not one of ours
+    torch.save({"weights": torch.zeros(3)}, plain)  # a torch file, but not one of ours
     tensor = str(tmp_path / "tensor.pt")
     torch.save(torch.zeros(3), tensor)
     other_kind = str(tmp_path / "adapter.pt")
@@ -218,7 +244,7 @@ def test_missing_truncated_and_foreign_checkpoints(tmp_path):
             load_model(p)
         _assert_one_line_naming(e, p)
 
-    wrong = str(tmp_path / "wrong.pt")                        # config and weights disagree
+    wrong = str(tmp_path / "wrong.pt")  # config and weights disagree
     ck = load_checkpoint(good)
     ck["config"] = {**ck["config"], "dim": 32}
     save_checkpoint(wrong, **ck)

@@ -1,5 +1,7 @@
 """Tests for palettize.py: the k-means (against an exact DP optimum), LUT/index invariants, weighting, the
-mixed-bit allocation, the packed checkpoint and the script's errors. Runs in well under a minute on 2 cores."""
+mixed-bit allocation, the packed checkpoint and the script's errors. Runs in well under a minute on 2 cores.
+"""
+
 import itertools
 import math
 import os
@@ -11,8 +13,9 @@ import torch
 import palettize as P
 from model import ModelConfig, Transformer, save_model
 
-MICRO = ModelConfig(name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128,
-                    max_seq_len=64)
+MICRO = ModelConfig(
+    name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=64
+)
 
 
 def sample(kind: int, shape, seed: int, scale: float = 0.05) -> torch.Tensor:
@@ -23,13 +26,16 @@ def sample(kind: int, shape, seed: int, scale: float = 0.05) -> torch.Tensor:
         x = torch.randn(n, generator=g)
     elif kind == 1:
         x = torch.rand(n, generator=g) * 2 - 1
-    elif kind == 2:                                        # Laplace
+    elif kind == 2:  # Laplace
         u = torch.rand(n, generator=g) - 0.5
         x = -u.sign() * torch.log1p(-2 * u.abs())
-    elif kind == 3:                                        # two bumps of different widths
-        x = torch.where(torch.rand(n, generator=g) < 0.5, torch.randn(n, generator=g) - 3,
-                        torch.randn(n, generator=g) * 0.3 + 2)
-    else:                                                  # Student t, 3 degrees of freedom (outliers)
+    elif kind == 3:  # two bumps of different widths
+        x = torch.where(
+            torch.rand(n, generator=g) < 0.5,
+            torch.randn(n, generator=g) - 3,
+            torch.randn(n, generator=g) * 0.3 + 2,
+        )
+    else:  # Student t, 3 degrees of freedom (outliers)
         z = torch.randn(n, generator=g)
         chi2 = torch.randn(n, 3, generator=g).pow(2).sum(1)
         x = z / (chi2 / 3).sqrt()
@@ -44,7 +50,7 @@ def optimal_sse(x: np.ndarray, k: int) -> float:
     i, j = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         cost = p2[j] - p2[i] - (p1[j] - p1[i]) ** 2 / (j - i)
-    cost[j <= i] = np.inf                                  # cost[i, j]: one cluster holding x[i:j]
+    cost[j <= i] = np.inf  # cost[i, j]: one cluster holding x[i:j]
     d = np.full(n + 1, np.inf)
     d[0] = 0.0
     best = np.inf
@@ -61,14 +67,15 @@ def group_sse(w, lut, idx, gs=16):
 # ----------------------------------------------------------------------------------------------------------
 # fp16 keys
 
+
 def test_fp16_keys_are_order_preserving():
     bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
     x = bits.view(torch.float16)
     x = x[torch.isfinite(x)]
     keys = P.fp16_keys(x).to(torch.int32)
     order = keys.argsort()
-    assert (x[order][1:].float() >= x[order][:-1].float()).all()        # sorting keys sorts values
-    finite = (-31744, 31743)                                             # the keys of -65504 and +65504
+    assert (x[order][1:].float() >= x[order][:-1].float()).all()  # sorting keys sorts values
+    finite = (-31744, 31743)  # the keys of -65504 and +65504
     assert keys.min() >= finite[0] and keys.max() <= finite[1]
     assert torch.equal(P.key_values(*finite), x[order].double())
 
@@ -86,7 +93,7 @@ def test_lut_and_indices_invariants(bits, kind, seed, plain):
     cols = [8, 24, 64, 100][seed % 4]
     w = sample(kind, (rows, cols), seed)
     lut, idx = P.palettize_weight(w, bits, plain=plain)
-    K = 2 ** bits
+    K = 2**bits
     assert lut.dtype == torch.float16 and lut.shape == (rows // 16, K)
     assert idx.dtype == torch.uint8 and idx.shape == w.shape
     assert int(idx.max()) < K
@@ -94,8 +101,8 @@ def test_lut_and_indices_invariants(bits, kind, seed, plain):
     assert (lut[:, 1:].float() > lut[:, :-1].float()).all(), "LUT sorted and distinct"
     w_hat = P.dequantize(lut, idx)
     assert w_hat.dtype == torch.float32
-    for g in range(rows // 16):                           # at most K values per group, each a LUT entry
-        vals = w_hat[16 * g:16 * (g + 1)].unique()
+    for g in range(rows // 16):  # at most K values per group, each a LUT entry
+        vals = w_hat[16 * g : 16 * (g + 1)].unique()
         assert len(vals) <= K
         assert torch.isin(vals, lut[g].float()).all()
     # every index points at the nearest LUT entry (so the stored LUT is used optimally)
@@ -118,10 +125,10 @@ def test_few_distinct_values_are_reproduced_exactly():
     g = torch.Generator().manual_seed(1)
     levels = torch.tensor([-0.5, -0.1, 0.0, 0.2, 0.7])
     w = levels[torch.randint(0, 5, (32, 40), generator=g)]
-    lut, idx = P.palettize_weight(w, 3)                    # 8 entries >= 5 distinct values: exact
+    lut, idx = P.palettize_weight(w, 3)  # 8 entries >= 5 distinct values: exact
     assert torch.equal(P.dequantize(lut, idx), w.half().float())
     assert (lut[:, 1:].float() > lut[:, :-1].float()).all()
-    c = torch.full((16, 8), 0.123)                         # constant group: 1-bit still gives 2 distinct entries
+    c = torch.full((16, 8), 0.123)  # constant group: 1-bit still gives 2 distinct entries
     lut, idx = P.palettize_weight(c, 1)
     assert lut[0, 0] != lut[0, 1] and torch.equal(P.dequantize(lut, idx), c.half().float())
 
@@ -136,19 +143,20 @@ def test_extreme_fp16_values():
 # ----------------------------------------------------------------------------------------------------------
 # Quality of the k-means
 
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_within_one_percent_of_exact_optimum(bits):
     worst = 1.0
     for seed in range(12):
         kind = seed % 5
-        w = sample(kind, (16, 8), 1000 * bits + seed)       # one group of 128 weights
+        w = sample(kind, (16, 8), 1000 * bits + seed)  # one group of 128 weights
         lut, idx = P.palettize_weight(w, bits)
         ours = group_sse(w, lut, idx).item()
-        opt = optimal_sse(w.half().double().numpy().ravel(), 2 ** bits)
+        opt = optimal_sse(w.half().double().numpy().ravel(), 2**bits)
         ratio = ours / opt if opt > 0 else (1.0 if ours == 0 else math.inf)
         worst = max(worst, ratio)
         assert ratio <= 1.01, f"kind {kind} seed {seed}: {ours:.6g} vs optimum {opt:.6g}"
-    assert worst >= 1.0 - 1e-9                             # nothing beats the optimum (sanity of the DP)
+    assert worst >= 1.0 - 1e-9  # nothing beats the optimum (sanity of the DP)
 
 
 def test_fast_path_never_worse_than_plain_kmeans():
@@ -161,24 +169,37 @@ def test_fast_path_never_worse_than_plain_kmeans():
         bits, kind = [1, 2, 3, 4][seed % 4], seed % 5
         w = sample(kind, (16 * (1 + seed % 2), [8, 24, 64, 100][seed // 4 % 4]), 5000 + seed)
         imp = None if seed % 3 else sample(1, w.shape, 9000 + seed).abs()
-        weight = 1.0 if imp is None else P.importance_weights(imp.reshape(w.shape[0] // 16, -1)).reshape(w.shape)
-        err = [((P.dequantize(*P.palettize_weight(w, bits, importance=imp, plain=plain)).double()
-                 - w.half().double()) ** 2 * weight).sum().item() for plain in (False, True)]
+        weight = (
+            1.0 if imp is None else P.importance_weights(imp.reshape(w.shape[0] // 16, -1)).reshape(w.shape)
+        )
+        err = [
+            (
+                (
+                    P.dequantize(*P.palettize_weight(w, bits, importance=imp, plain=plain)).double()
+                    - w.half().double()
+                )
+                ** 2
+                * weight
+            )
+            .sum()
+            .item()
+            for plain in (False, True)
+        ]
         assert err[0] <= err[1] * (1 + 1e-4) + 1e-30, (seed, err)
         lower += err[0] < err[1] * (1 - 1e-3)
-    assert lower >= 30                                     # and it is often clearly better
+    assert lower >= 30  # and it is often clearly better
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 6])
 def test_no_worse_than_uniform_min_max_levels(bits):
-    K = 2 ** bits
+    K = 2**bits
     for seed in range(10):
         w = sample(seed % 5, (32, 48), 77 + seed)
         lut, idx = P.palettize_weight(w, bits)
         ours = group_sse(w, lut, idx)
         x = w.half().double().view(2, -1)
         lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
-        levels = lo + (hi - lo) * torch.linspace(0, 1, K, dtype=torch.float64)   # (2, K)
+        levels = lo + (hi - lo) * torch.linspace(0, 1, K, dtype=torch.float64)  # (2, K)
         uniform = (x[:, :, None] - levels[:, None, :]).abs().min(2).values.pow(2).sum(1)
         assert (ours <= uniform * (1 + 1e-9)).all(), (seed, ours, uniform)
 
@@ -192,7 +213,7 @@ def test_objective_never_increases():
         counts = torch.rand(G, R, generator=g, dtype=torch.float64) * (torch.rand(G, R, generator=g) < 0.5)
         history = []
         c = P.kmeans1d(counts, values, [2, 4, 8, 16, 64][seed % 5] if seed < 19 else 256, history=history)
-        h = torch.stack(history)                           # (steps, G)
+        h = torch.stack(history)  # (steps, G)
         assert len(history) > 1
         assert (h[1:] <= h[:-1] * (1 + 1e-12) + 1e-12).all(), f"seed {seed}"
         assert (c[:, 1:] >= c[:, :-1]).all()
@@ -208,6 +229,7 @@ def test_deterministic():
 
 # ----------------------------------------------------------------------------------------------------------
 # Weighted k-means
+
 
 def test_equal_importance_is_unweighted():
     for seed in range(6):
@@ -234,6 +256,7 @@ def test_importance_lowers_error_where_it_is_high():
 # ----------------------------------------------------------------------------------------------------------
 # Bad input to the functions
 
+
 def test_bad_weights_are_named():
     w = torch.randn(32, 8)
     with pytest.raises(P.PalettizeError, match="unsupported bits 5"):
@@ -247,7 +270,7 @@ def test_bad_weights_are_named():
     bad[3, 4] = float("inf")
     with pytest.raises(P.PalettizeError, match="Inf"):
         P.palettize_weight(bad, 4)
-    with pytest.raises(P.PalettizeError, match="Inf"):                  # beyond fp16
+    with pytest.raises(P.PalettizeError, match="Inf"):  # beyond fp16
         P.palettize_weight(w * 1e6, 4)
     with pytest.raises(P.PalettizeError, match="non-negative"):
         P.palettize_weight(w, 4, importance=-torch.ones_like(w))
@@ -264,6 +287,7 @@ def test_bad_weights_are_named():
 # ----------------------------------------------------------------------------------------------------------
 # Modules, embedding, storage
 
+
 def test_quantize_embedding():
     w = sample(2, (300, 48), 9)
     w[7] = 0.0
@@ -271,14 +295,14 @@ def test_quantize_embedding():
     assert q.dtype == torch.int8 and s.dtype == torch.float16 and s.shape == (300, 1)
     assert q.abs().max() <= 127 and (s > 0).all()
     assert ((q.float() * s.float() - w).abs() <= s.float() / 2 + 1e-7).all()
-    assert (q.abs().amax(1)[torch.arange(300) != 7] >= 126).all()   # the range is used
+    assert (q.abs().amax(1)[torch.arange(300) != 7] >= 126).all()  # the range is used
 
 
 @pytest.mark.parametrize("bits", P.BITS)
 def test_pack_bits_round_trip(bits):
     g = torch.Generator().manual_seed(bits)
     for shape in [(1, 1), (16, 3), (48, 37)]:
-        idx = torch.randint(0, 2 ** bits, shape, generator=g, dtype=torch.uint8)
+        idx = torch.randint(0, 2**bits, shape, generator=g, dtype=torch.uint8)
         packed = P.pack_bits(idx, bits)
         assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(idx.numel() * bits / 8)
         assert torch.equal(P.unpack_bits(packed, bits, shape), idx)
@@ -305,7 +329,9 @@ def test_palettize_model_and_linear():
         assert not any(True for _ in layer.parameters())
     e = m.tok_emb
     assert e.weight_int8.dtype == torch.int8 and e.weight_scale.dtype == torch.float16
-    assert torch.equal(e.weight, e.weight_int8.float() * e.weight_scale.float()) and not e.weight.requires_grad
+    assert (
+        torch.equal(e.weight, e.weight_int8.float() * e.weight_scale.float()) and not e.weight.requires_grad
+    )
     assert torch.isfinite(m(torch.randint(0, 256, (2, 9)))).all()
 
 
@@ -322,10 +348,10 @@ def test_checkpoint_round_trip(tmp_path):
     assert torch.equal(m.tok_emb.weight_int8, m2.tok_emb.weight_int8)
     assert torch.equal(m.tok_emb.weight, m2.tok_emb.weight)
     x = torch.randint(0, 256, (2, 11))
-    assert torch.allclose(m(x), m2(x), atol=1e-3)            # norms are stored in fp16
+    assert torch.allclose(m(x), m2(x), atol=1e-3)  # norms are stored in fp16
     stored = P.stored_bytes(P.stored_tensors(m))
     fp16 = 2 * sum(p.numel() for p in Transformer(MICRO).parameters())
-    assert stored < fp16 / 2 and os.path.getsize(path) < fp16 / 1.5     # 6- and 8-bit layers in here
+    assert stored < fp16 / 2 and os.path.getsize(path) < fp16 / 1.5  # 6- and 8-bit layers in here
     with pytest.raises(P.CheckpointError):
         P.load_palettized(str(tmp_path / "missing.pt"))
 
@@ -333,9 +359,19 @@ def test_checkpoint_round_trip(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # Mixed-bit allocation
 
-TINY_SHAPES = {f"layers.{i}.{n}": s for i in range(6) for n, s in
-               [("q_proj", (256, 256)), ("k_proj", (64, 256)), ("v_proj", (64, 256)), ("o_proj", (256, 256)),
-                ("gate_proj", (768, 256)), ("up_proj", (768, 256)), ("down_proj", (256, 768))]}
+TINY_SHAPES = {
+    f"layers.{i}.{n}": s
+    for i in range(6)
+    for n, s in [
+        ("q_proj", (256, 256)),
+        ("k_proj", (64, 256)),
+        ("v_proj", (64, 256)),
+        ("o_proj", (256, 256)),
+        ("gate_proj", (768, 256)),
+        ("up_proj", (768, 256)),
+        ("down_proj", (256, 768)),
+    ]
+}
 
 
 def test_allocation_lands_on_target():
@@ -377,6 +413,7 @@ def test_allocation_unreachable_target():
 # ----------------------------------------------------------------------------------------------------------
 # The script
 
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
@@ -393,20 +430,48 @@ def corpus(tmp_path_factory):
 
 def run_script(corpus, out_dir, *flags):
     text, ckpt = corpus
-    return P.main(["--ckpt", ckpt, "--out-dir", str(out_dir), "--data", text, "--seq-len", "32",
-                   "--eval-windows", "4", "--calib-batches", "2", "--calib-batch-size", "2", *flags])
+    return P.main(
+        [
+            "--ckpt",
+            ckpt,
+            "--out-dir",
+            str(out_dir),
+            "--data",
+            text,
+            "--seq-len",
+            "32",
+            "--eval-windows",
+            "4",
+            "--calib-batches",
+            "2",
+            "--calib-batch-size",
+            "2",
+            *flags,
+        ]
+    )
 
 
 def test_script_uniform_bits(corpus, tmp_path):
     out = run_script(corpus, tmp_path, "--bits", "4")
-    for key in ("bits_per_weight", "embedding_bits", "model_bytes", "float_bytes", "layers", "val_bpb_float",
-                "val_bpb_palettized", "seconds"):
+    for key in (
+        "bits_per_weight",
+        "embedding_bits",
+        "model_bytes",
+        "float_bytes",
+        "layers",
+        "val_bpb_float",
+        "val_bpb_palettized",
+        "seconds",
+    ):
         assert key in out
     assert out["embedding_bits"] == 8 and out["model_bytes"] < out["float_bytes"] / 2.5
     assert {r["bits"] for r in out["layers"]} == {4} and len(out["layers"]) == 14
-    assert 4 < out["bits_per_weight"] < 4 + 16 / 64          # LUTs add 2**bits * 16 / (16 * in) bits
+    assert 4 < out["bits_per_weight"] < 4 + 16 / 64  # LUTs add 2**bits * 16 / (16 * in) bits
     model, ckpt = P.load_palettized(str(tmp_path / "palettized.pt"))
-    assert os.path.exists(tmp_path / "palettize.json") and ckpt["report"]["bits_per_weight"] == out["bits_per_weight"]
+    assert (
+        os.path.exists(tmp_path / "palettize.json")
+        and ckpt["report"]["bits_per_weight"] == out["bits_per_weight"]
+    )
 
 
 def test_script_mixed_bits_with_sensitivity(corpus, tmp_path):
@@ -425,12 +490,18 @@ def test_script_plain_kmeans(corpus, tmp_path):
         assert f["mse"] <= p["mse"] * (1 + 1e-4)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--bpw", "3.7", "--group-size", "0"], "must be positive"),
-    (["--bpw", "1.0"], "reach only"),
-    (["--bits", "4", "--bpw", "3.7"], "not both"),
-    (["--group-size", "48", "--bits", "4"], r"layers.0.attn.q_proj: 64 output channels \(shape \(64, 64\)\)"),
-])
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--bpw", "3.7", "--group-size", "0"], "must be positive"),
+        (["--bpw", "1.0"], "reach only"),
+        (["--bits", "4", "--bpw", "3.7"], "not both"),
+        (
+            ["--group-size", "48", "--bits", "4"],
+            r"layers.0.attn.q_proj: 64 output channels \(shape \(64, 64\)\)",
+        ),
+    ],
+)
 def test_script_bad_flags(corpus, tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
         run_script(corpus, tmp_path / "out", *flags)
@@ -447,8 +518,12 @@ def test_script_bad_checkpoints(corpus, tmp_path):
     save_model(str(tmp_path / "inf.pt"), m)
     P.save_palettized(str(tmp_path / "pal.pt"), palettized_micro()[0])
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    for ckpt, message in [("missing.pt", "no such file"), ("junk.pt", "not a readable checkpoint"),
-                          ("pal.pt", "expected 'model'"), ("inf.pt", "layers.0.ffn.down_proj: weight contains")]:
+    for ckpt, message in [
+        ("missing.pt", "no such file"),
+        ("junk.pt", "not a readable checkpoint"),
+        ("pal.pt", "expected 'model'"),
+        ("inf.pt", "layers.0.ffn.down_proj: weight contains"),
+    ]:
         out = tmp_path / ("out_" + ckpt)
         with pytest.raises(SystemExit) as e:
             P.main(["--ckpt", str(tmp_path / ckpt), "--out-dir", str(out), "--data", text, "--bits", "4"])

@@ -1,4 +1,5 @@
 """recipe.py's results table: built only from the JSON reports the steps write; the README only on request."""
+
 import json
 import random
 
@@ -12,27 +13,66 @@ def write_reports(d, seed):
     rng = random.Random(seed)
     f, p = 1.5 + rng.random(), 1.6 + rng.random()
     rec = p - 0.01 * rng.random()
-    pal = {"float_bytes": 3_248_000, "val_bpb_float": f, "val_bpb_palettized": p, "val_bpb_rise": p / f - 1,
-           "bits_per_weight": 3.686, "model_bytes": 780_000, "sensitivity": True, "uniform_bits": None,
-           "target_bpw": 3.7}
+    pal = {
+        "float_bytes": 3_248_000,
+        "val_bpb_float": f,
+        "val_bpb_palettized": p,
+        "val_bpb_rise": p / f - 1,
+        "bits_per_weight": 3.686,
+        "model_bytes": 780_000,
+        "sensitivity": True,
+        "uniform_bits": None,
+        "target_bpw": 3.7,
+    }
     reports = {
-        "train.json": {"config": {"name": "tiny"}, "params": 1_620_000, "iters": 1000, "seconds": 200 + rng.random(),
-                       "tokens_per_second": 9000.0, "val_bpb": f},
+        "train.json": {
+            "config": {"name": "tiny"},
+            "params": 1_620_000,
+            "iters": 1000,
+            "seconds": 200 + rng.random(),
+            "tokens_per_second": 9000.0,
+            "val_bpb": f,
+        },
         "palettize.json": pal,
-        "lora_recovery.json": {"rank": 16, "base_bits_per_weight": 3.686, "iters_done": 300, "seconds": 145.0,
-                               "loss": "ce", "val_bpb_recovered": rec, "gap": p - f, "gap_closed": (p - rec) / (p - f),
-                               "val_bpb_float_adapted": f - 0.01, "gap_closed_matched": 0.8, "adapter_bytes": 452_527},
-        "export.json": {"functions": ["prefill", "decode"], "max_abs_logit_diff": 0.02, "argmax_agreement": 1.0,
-                        "verified": True, "package_bytes": 2_900_000, "ideal_bytes": 2_080_000,
-                        "floor_over_ideal": 1.097},
+        "lora_recovery.json": {
+            "rank": 16,
+            "base_bits_per_weight": 3.686,
+            "iters_done": 300,
+            "seconds": 145.0,
+            "loss": "ce",
+            "val_bpb_recovered": rec,
+            "gap": p - f,
+            "gap_closed": (p - rec) / (p - f),
+            "val_bpb_float_adapted": f - 0.01,
+            "gap_closed_matched": 0.8,
+            "adapter_bytes": 452_527,
+        },
+        "export.json": {
+            "functions": ["prefill", "decode"],
+            "max_abs_logit_diff": 0.02,
+            "argmax_agreement": 1.0,
+            "verified": True,
+            "package_bytes": 2_900_000,
+            "ideal_bytes": 2_080_000,
+            "floor_over_ideal": 1.097,
+        },
     }
     for b in (4, 2):
         (d / f"uniform_{b}bit").mkdir()
-        reports[f"uniform_{b}bit/palettize.json"] = {**pal, "uniform_bits": b, "bits_per_weight": b + 0.07,
-                                                     "val_bpb_palettized": p + 0.1 / b, "target_bpw": None}
+        reports[f"uniform_{b}bit/palettize.json"] = {
+            **pal,
+            "uniform_bits": b,
+            "bits_per_weight": b + 0.07,
+            "val_bpb_palettized": p + 0.1 / b,
+            "target_bpw": None,
+        }
     for init in ("recovery", "zero"):
         curve = {str(s): 6 - s / 50 + rng.random() for s in (0, 25, 50, 75, 100)}
-        reports[f"lora_pydoc_{init}.json"] = {"val_bpb_by_step": curve, "orig_data": "bible", "orig_val_bpb_end": 2.2}
+        reports[f"lora_pydoc_{init}.json"] = {
+            "val_bpb_by_step": curve,
+            "orig_data": "bible",
+            "orig_val_bpb_end": 2.2,
+        }
     for name, r in reports.items():
         (d / name).write_text(json.dumps(r))
     return reports
@@ -76,4 +116,4 @@ def test_table_goes_to_out_and_the_readme_only_on_request(tmp_path):
     assert once.startswith("head\n") and once.endswith(f"{recipe.MARK_END}\ntail\n")
     assert "old table" not in once and body in once
     recipe.write_table(str(tmp_path), str(readme))
-    assert readme.read_text() == once        # idempotent (same day)
+    assert readme.read_text() == once  # idempotent (same day)

@@ -1,6 +1,7 @@
 """Tests of train.py: a short run learns, --resume reproduces an uninterrupted run, bad input fails cleanly,
 distillation runs. Runs call train.main(argv) in-process on a small text file; one test goes through a
 subprocess for the real exit code."""
+
 import math
 import os
 import signal
@@ -23,6 +24,7 @@ FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--lr", "3e-3",
 def corpus(tmp_path_factory):
     """About 40 KB of English text (Python's own documentation, shipped with CPython)."""
     from pydoc_data.topics import topics
+
     text = "\n\n".join(topics[k] for k in sorted(topics))[:40_000]
     path = tmp_path_factory.mktemp("corpus") / "text.txt"
     path.write_text(text, encoding="utf-8")
@@ -35,19 +37,30 @@ def run(corpus, out, *extra):
 
 def snapshot(d):
     """{file name: bytes} of everything in directory d."""
-    return {p: open(os.path.join(d, p), "rb").read() for p in sorted(os.listdir(d))} if os.path.isdir(d) else {}
+    return (
+        {p: open(os.path.join(d, p), "rb").read() for p in sorted(os.listdir(d))} if os.path.isdir(d) else {}
+    )
 
 
 def test_short_run_lowers_validation_loss_and_writes_outputs(corpus, tmp_path):
     r = run(corpus, tmp_path, "--iters", "25", "--eval-every", "5")
     _, val = load_splits(corpus, 32)
-    assert math.log(256) - r["val_loss"] > 1.0                 # well below a uniform guess over bytes
+    assert math.log(256) - r["val_loss"] > 1.0  # well below a uniform guess over bytes
     curve = [v["loss"] for v in r["val_curve"]]
     assert [v["step"] for v in r["val_curve"]] == [5, 10, 15, 20, 25]
     assert curve[-1] < curve[0]
     assert len(r["losses"]) == 25 and r["losses"][-1] < r["losses"][0]
-    for key in ("config", "params", "non_embedding_params", "iters", "tokens_seen", "seconds", "tokens_per_second",
-                "val_loss", "val_bpb"):
+    for key in (
+        "config",
+        "params",
+        "non_embedding_params",
+        "iters",
+        "tokens_seen",
+        "seconds",
+        "tokens_per_second",
+        "val_loss",
+        "val_bpb",
+    ):
         assert key in r
     assert r["config"]["name"] == "tiny" and r["tokens_seen"] == 25 * 4 * 32
     assert abs(r["val_bpb"] - r["val_loss"] / math.log(2)) < 1e-9
@@ -55,16 +68,19 @@ def test_short_run_lowers_validation_loss_and_writes_outputs(corpus, tmp_path):
     model, ckpt = load_model(str(tmp_path / "ckpt.pt"))
     assert model.config == CONFIGS["tiny"] and ckpt["train_state"]["step"] == 25
     import json
+
     assert json.load(open(tmp_path / "train.json"))["val_bpb"] == r["val_bpb"]
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
     straight = run(corpus, tmp_path / "a", "--iters", "12", "--eval-every", "4", "--seed", "3")
-    stopped = run(corpus, tmp_path / "b", "--iters", "12", "--eval-every", "4", "--seed", "3", "--stop-at", "5")
+    stopped = run(
+        corpus, tmp_path / "b", "--iters", "12", "--eval-every", "4", "--seed", "3", "--stop-at", "5"
+    )
     assert stopped["stopped_at"] == 5 and len(stopped["losses"]) == 5
     assert not (tmp_path / "b" / "train.json").exists()
     resumed = train.main(["--out-dir", str(tmp_path / "b"), "--resume", "--device", "cpu"])
-    assert resumed["losses"] == straight["losses"]             # exactly, step by step
+    assert resumed["losses"] == straight["losses"]  # exactly, step by step
     assert resumed["val_curve"] == straight["val_curve"]
     assert resumed["val_loss"] == straight["val_loss"]
     a, _ = load_model(str(tmp_path / "a" / "ckpt.pt"))
@@ -80,9 +96,9 @@ def bad_inputs(corpus, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     short = tmp_path / "short.txt"
-    short.write_text("In the beginning.")                        # shorter than one context window
+    short.write_text("In the beginning.")  # shorter than one context window
     binary = tmp_path / "binary.txt"
-    binary.write_bytes(bytes([0xff, 0xfe, 0x00, 0x80]) * 100)
+    binary.write_bytes(bytes([0xFF, 0xFE, 0x00, 0x80]) * 100)
     return {
         "missing corpus": ["--data", str(tmp_path / "nope.txt")],
         "empty corpus": ["--data", str(empty)],
@@ -128,8 +144,12 @@ def test_resume_refusals_leave_the_checkpoint_alone(corpus, tmp_path):
     done = tmp_path / "done"
     run(corpus, done, "--iters", "3")
     before = snapshot(done)
-    for argv in (["--resume"], ["--resume", "--iters", "2"], ["--resume", "--iters", "9", "--lr", "1e-2"],
-                 ["--resume", "--iters", "9", "--data", "bible"]):
+    for argv in (
+        ["--resume"],
+        ["--resume", "--iters", "2"],
+        ["--resume", "--iters", "9", "--lr", "1e-2"],
+        ["--resume", "--iters", "9", "--data", "bible"],
+    ):
         with pytest.raises(SystemExit) as e:
             train.main(["--out-dir", str(done), "--device", "cpu", *argv])
         assert str(e.value.code).startswith("error: ") and "\n" not in str(e.value.code)
@@ -137,8 +157,20 @@ def test_resume_refusals_leave_the_checkpoint_alone(corpus, tmp_path):
 
 
 def test_command_line_exit_code_and_one_line_error(corpus, tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--config", "nonexistent",
-                        "--data", corpus, "--out-dir", str(tmp_path / "out")], capture_output=True, text=True)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train.py"),
+            "--config",
+            "nonexistent",
+            "--data",
+            corpus,
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode != 0
     assert p.stderr.strip().startswith("error: ") and len(p.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
@@ -146,12 +178,26 @@ def test_command_line_exit_code_and_one_line_error(corpus, tmp_path):
 
 def test_ctrl_c_checkpoints_and_resume_continues(corpus, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--data", corpus, "--out-dir", str(out), *FAST,
-           "--iters", "100000"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "--data",
+        corpus,
+        "--out-dir",
+        str(out),
+        *FAST,
+        "--iters",
+        "100000",
+    ]
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     seen = ""
-    while "loss=" not in seen:                    # wait until a few steps have run
+    while "loss=" not in seen:  # wait until a few steps have run
         ch = p.stderr.read(1)
         assert ch, "train.py ended before training started"
         seen += ch
@@ -171,8 +217,11 @@ def test_distillation_target_mixes_truth_and_teacher_top1():
     x, y = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
     got = train.loss_fn(student, x, y, teacher)
     logits = student(x).reshape(-1, 256)
-    target = 0.1 * F.one_hot(y.reshape(-1), 256).float() + 0.9 * F.one_hot(teacher(x).argmax(-1).reshape(-1), 256).float()
-    torch.testing.assert_close(got, F.cross_entropy(logits, target))   # soft-target cross-entropy
+    target = (
+        0.1 * F.one_hot(y.reshape(-1), 256).float()
+        + 0.9 * F.one_hot(teacher(x).argmax(-1).reshape(-1), 256).float()
+    )
+    torch.testing.assert_close(got, F.cross_entropy(logits, target))  # soft-target cross-entropy
     torch.testing.assert_close(train.loss_fn(student, x, y), F.cross_entropy(logits, y.reshape(-1)))
 
 
@@ -187,26 +236,41 @@ def test_teacher_run(corpus, tmp_path):
 def test_learning_rate_schedule_and_decay_groups():
     s = dict(lr=1e-3, warmup=10, iters=110, min_lr=0.005, weight_decay=3.16e-4)
     lrs = [train.lr_at(i, s) for i in range(110)]
-    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)        # linear warm-up to the peak
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))                          # then decays monotonically
-    assert train.lr_at(110, s) == pytest.approx(5e-6)                               # to 0.005x the peak
-    assert train.lr_at(60, s) == pytest.approx(5e-6 + (1e-3 - 5e-6) / 2)            # cosine: half-way at mid-run
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warm-up to the peak
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))  # then decays monotonically
+    assert train.lr_at(110, s) == pytest.approx(5e-6)  # to 0.005x the peak
+    assert train.lr_at(60, s) == pytest.approx(5e-6 + (1e-3 - 5e-6) / 2)  # cosine: half-way at mid-run
     model = Transformer(CONFIGS["tiny"])
     opt = train.make_optimizer(model, s, torch.device("cpu"))
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
-        assert (id(p) in decayed) == (p.dim() == 2), name                          # matmuls + tied embedding only
+        assert (id(p) in decayed) == (p.dim() == 2), name  # matmuls + tied embedding only
     assert opt.param_groups[0]["weight_decay"] * s["lr"] == pytest.approx(3.16e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torchrun: 2 processes on the CPU with gloo (DDP, then FSDP2) give the 1-process loss curve of the same global batch
+# torchrun: 2 CPU processes with gloo (DDP, then FSDP2) give the 1-process loss curve of the same global batch
+
 
 def torchrun(corpus, out, *extra):
     """train.py under torchrun with 2 CPU processes; returns its combined output."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", os.path.join(ROOT, "train.py"),
-           "--data", corpus, "--out-dir", str(out), *FAST, *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        os.path.join(ROOT, "train.py"),
+        "--data",
+        corpus,
+        "--out-dir",
+        str(out),
+        *FAST,
+        *extra,
+    ]
+    p = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     return p.stdout + p.stderr
 
@@ -216,15 +280,20 @@ def test_torchrun_matches_one_process_and_resumes(corpus, tmp_path, sharding):
     steps = ["--iters", "6", "--grad-accum", "2"]
     one = run(corpus, tmp_path / "one", *steps)
     log = torchrun(corpus, tmp_path / "two", *steps, *sharding, "--stop-at", "3")
-    assert log.count("stopped at step 3") == 1                        # rank 0 alone reports
+    assert log.count("stopped at step 3") == 1  # rank 0 alone reports
     assert load_model(str(tmp_path / "two" / "ckpt.pt"))[1]["train_state"]["step"] == 3
     log = torchrun(corpus, tmp_path / "two", "--resume", *sharding, "--iters", "6")
     assert log.count("wrote ") == 1 and sorted(os.listdir(tmp_path / "two")) == ["ckpt.pt", "train.json"]
     import json
+
     two = json.load(open(tmp_path / "two" / "train.json"))
     assert two["world_size"] == 2 and two["fsdp"] == bool(sharding)
     torch.testing.assert_close(two["losses"], one["losses"], rtol=1e-5, atol=1e-5)
     assert abs(two["val_bpb"] - one["val_bpb"]) < 1e-4
-    model, _ = load_model(str(tmp_path / "two" / "ckpt.pt"))          # a plain checkpoint, whole tensors
-    torch.testing.assert_close(model.state_dict(), load_model(str(tmp_path / "one" / "ckpt.pt"))[0].state_dict(),
-                               rtol=1e-4, atol=1e-5)
+    model, _ = load_model(str(tmp_path / "two" / "ckpt.pt"))  # a plain checkpoint, whole tensors
+    torch.testing.assert_close(
+        model.state_dict(),
+        load_model(str(tmp_path / "one" / "ckpt.pt"))[0].state_dict(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
