@@ -75,7 +75,8 @@ def results_table(out_dir: str = "out") -> str:
                        f"it")
         rows.append(f"| recovery adapter | rank {rec['rank']} LoRA on the "
                     f"{rec['base_bits_per_weight']:.2f}-bit base, {rec['iters_done']} steps, "
-                    f"{rec['seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, {closed} | "
+                    f"{rec['seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, "
+                    f"{closed} | "
                     f"+{mb(rec['adapter_bytes'])} | `python lora.py` |")
     if exp:
         check = (f"max logit diff {exp['max_abs_logit_diff']:.3f}, argmax agreement "
@@ -130,7 +131,7 @@ def main(argv=None) -> None:
         print(f"\n[{i}/{len(todo)}] python {' '.join(step)}", flush=True)
         if subprocess.run([sys.executable, os.path.join(here, step[0]), *step[1:]]).returncode:
             name = next(n for n, s in STEPS if s == step)
-            raise SystemExit(f"error: `python {' '.join(step)}` failed (then: python recipe.py --from {name})")
+            raise SystemExit(f"error: `python {' '.join(step)}` failed; go on: python recipe.py --from {name}")
     os.makedirs("out", exist_ok=True)
     write_table("out", os.path.join(here, "README.md") if a.readme else None)
 
