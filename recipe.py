@@ -131,7 +131,7 @@ def main(argv=None) -> None:
         print(f"\n[{i}/{len(todo)}] python {' '.join(step)}", flush=True)
         if subprocess.run([sys.executable, os.path.join(here, step[0]), *step[1:]]).returncode:
             name = next(n for n, s in STEPS if s == step)
-            raise SystemExit(f"error: `python {' '.join(step)}` failed; later: python recipe.py --from {name}")
+            raise SystemExit(f"error: python {' '.join(step)} failed; later: python recipe.py --from {name}")
     os.makedirs("out", exist_ok=True)
     write_table("out", os.path.join(here, "README.md") if a.readme else None)
 
