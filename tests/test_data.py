@@ -135,6 +135,26 @@ def test_load_splits_tokenizes_each_byte_part(tmp_path):
         data.load_splits(str(tmp_path / "c.txt"), min_len=10 ** 6, tokenizer=tok)
 
 
+def test_empty_corpus_is_one_line_error(tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(data.DataError, match="empty") as e:
+        data.load_splits(str(tmp_path / "empty.txt"))
+    assert "\n" not in str(e.value) and str(tmp_path / "empty.txt") in str(e.value)
+    assert data.encode("").tolist() == [] and data.encode("").dtype == torch.uint8
+
+
+def test_evaluate_thins_windows_evenly():
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return torch.zeros(*x.shape, 256)
+    r = data.evaluate(Spy(), torch.arange(10 * 16 + 1).to(torch.uint8), 16, batch_size=3, max_windows=4)
+    assert torch.cat(seen)[:, 0].tolist() == [0, 48, 96, 144]           # windows 0, 3, 6, 9 of 10
+    assert math.isclose(r["loss"], math.log(256), rel_tol=1e-6) and math.isclose(r["bpb"], 8, rel_tol=1e-6)
+
+
 def test_bpb_counts_bytes_of_target_tokens():
     torch.manual_seed(0)
     m = Transformer(ModelConfig(name="t", vocab_size=256 + 3 + len(MERGES), dim=32, n_layers=1, n_heads=2,
@@ -148,8 +168,8 @@ def test_bpb_counts_bytes_of_target_tokens():
     assert math.isclose(as_tokens["bpb"], as_bytes["bpb"], rel_tol=1e-12)
     tok = small_tokenizer()
     ids = data.encode(text + " abab" * 50, tok)
-    r = data.evaluate(m, ids, 16, max_windows=8, tokenizer=tok)
-    targets = data.eval_windows(ids, 16, 8)[:, 1:].reshape(-1).tolist()
+    r = data.evaluate(m, ids, 16, max_windows=None, tokenizer=tok)
+    targets = ids[1:1 + (len(ids) - 1) // 16 * 16].tolist()       # every window's targets, end to end
     n_bytes = sum(len(tok.token_bytes[i]) for i in targets)
     assert n_bytes > len(targets)
     assert math.isclose(r["bpb"], r["loss"] * len(targets) / math.log(2) / n_bytes, rel_tol=1e-9)
