@@ -236,6 +236,22 @@ def test_cli_writes_a_checkpoint_every_script_rebuilds(tiny, tmp_path, capsys):
     assert report["config"]["qk_norm"] is False and report["answer"] is not None
 
 
+def test_chat_answer_is_the_greedy_continuation(tiny):
+    model, path = tiny
+    tok = pretrained.tokenizer_from_gguf(pretrained.gguf_index(path))
+    for question, n in [("the thin man", 12), ("in the hat", 0)]:
+        ids = tok.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+        want = []
+        for _ in range(n):       # greedy, recomputing the whole prefix, up to a control token
+            nxt = int(model(torch.tensor([ids + want]))[0, -1].argmax())
+            if nxt in (0, 1, 2):
+                break
+            want.append(nxt)
+        assert pretrained.chat_answer(model, tok, question, n) == tok.decode(want).strip()
+    with pytest.raises(ValueError, match="max_seq_len"):
+        pretrained.chat_answer(model, tok, "the " * 80)
+
+
 def test_help_names_every_default(capsys):
     with pytest.raises(SystemExit):
         pretrained.main(["--help"])
@@ -305,7 +321,8 @@ def test_real_model_size_and_config(smollm):
 
 def test_real_model_answers_and_is_deterministic(smollm):
     model, tok, _ = smollm
-    assert "Paris" in pretrained.chat_answer(model, tok, "What is the capital of France?", 12)
+    answer = pretrained.chat_answer(model, tok, "What is the capital of France?", 12)
+    assert answer == "The capital of France is Paris."          # <|im_end|> ends it and is left out
     prompt = torch.tensor([tok.encode("In the beginning God created")])
     first, second = (model.generate(prompt, 8) for _ in range(2))
     assert torch.equal(first, second) and tok.decode(first[0, prompt.shape[1]:].tolist()).strip()
