@@ -81,7 +81,8 @@ class BPETokenizer:
 def main(argv=None):
     """Print the token ids and pieces of a text under a checkpoint's tokenizer."""
     ap = argparse.ArgumentParser(description="Tokenize a text with the BPE tokenizer a checkpoint carries.")
-    ap.add_argument("--ckpt", default="out/smollm2/ckpt.pt", help="a checkpoint of pretrained.py")
+    ap.add_argument("--ckpt", default="out/smollm2/ckpt.pt", help="a checkpoint of pretrained.py "
+                                                                   "(default: out/smollm2/ckpt.pt)")
     ap.add_argument("text", help="the text to tokenize")
     a = ap.parse_args(argv)
     import torch

@@ -122,7 +122,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Run the whole recipe, step by step, then print its results.")
     ap.add_argument("--from", dest="start", choices=names, default=names[0],
                     help=f"the step to start at (default: {names[0]})")
-    ap.add_argument("--table-only", action="store_true", help="run nothing; the table from out/*.json")
+    ap.add_argument("--table-only", action="store_true",
+                    help="run nothing; the table from out/*.json (default: off)")
     ap.add_argument("--readme", action="store_true", help="also write the table into README.md (default: no)")
     a = ap.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))

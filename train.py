@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                             "with FSDP2 (default: off, DDP)")
     add("--eval-every", type=int, help="validate every N steps (default: 5 times a run)")
     add("--ckpt-every", type=float, default=60.0, help="rewrite the checkpoint every N seconds (default: 60)")
-    add("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
+    add("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt (default: off)")
     add("--stop-at", type=int, help="stop after this step as if interrupted (default: none)")
     return ap.parse_args(argv)
 

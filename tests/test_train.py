@@ -64,6 +64,8 @@ def test_short_run_lowers_validation_loss_and_writes_outputs(corpus, tmp_path):
         assert key in r
     assert r["config"]["name"] == "tiny" and r["tokens_seen"] == 25 * 4 * 32
     assert abs(r["val_bpb"] - r["val_loss"] / math.log(2)) < 1e-9
+    train_text, _ = load_splits(corpus, 32)
+    assert r["sample"].startswith(bytes(train_text[:16].tolist()).decode())  # a prompt from the corpus itself
     # the checkpoint rebuilds the trained model without flags
     model, ckpt = load_model(str(tmp_path / "ckpt.pt"))
     assert model.config == CONFIGS["tiny"] and ckpt["train_state"]["step"] == 25
