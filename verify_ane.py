@@ -1,17 +1,14 @@
 """
 verify_ane.py -- checks a Core ML package written by export_ane.py without a Mac, and counts its bytes.
 
-Backs what section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075) asks of the on-device package:
-palettize.py's LUTs and indices are in it bit for bit (check_weights), it computes what the PyTorch model
-computes (NumpyProgram runs each function op by op in numpy; compare_logits, prefill + decode steps), and an
-adapter costs about its own fp16 bytes (bytes_report). On macOS, Core ML's predict() runs too (predict_check).
-Not needed to understand the export: read export_ane.py for that.
+Backs section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075): palettize.py's LUTs and indices are
+in the package bit for bit (check_weights); it computes what the PyTorch model computes (NumpyProgram runs each
+function op by op in numpy; compare_logits), through Core ML's predict() too on macOS; an adapter costs about its
+own fp16 bytes (bytes_report).
 
-Run: `python export_ane.py` calls package_report() on the package it wrote (`--no-verify` skips the checks;
-the byte counts are always made). Tests: `python -m pytest -q tests/test_verify_ane.py`.
+Run: `python export_ane.py` calls package_report() on the package it writes (`--no-verify`: the bytes only);
+tests: `python -m pytest -q tests/test_verify_ane.py`.
 """
-from __future__ import annotations
-
 import contextlib
 import io
 import logging
@@ -41,7 +38,7 @@ def quiet():
         yield
 
 
-with quiet():   # at import: "torch 2.13 is untested", "libcoremlpython is missing" -- both harmless here
+with quiet():   # at import: "torch 2.13 is untested", "libcoremlpython is missing": both harmless here
     import coremltools as ct
     from coremltools.converters.mil.frontend.milproto.load import load as _load_mil_proto
     from coremltools.converters.mil.mil import types as mil_types
@@ -57,12 +54,16 @@ def mil_name(name: str) -> str:
     return re.sub(r"\W", "_", name)
 
 
+def _data(pkg_path: str, *parts) -> str:
+    """A path inside the package's Data/com.apple.CoreML folder."""
+    return os.path.join(pkg_path, "Data", "com.apple.CoreML", *parts)
+
+
 def read_package(path: str):
     """The saved .mlpackage as a MIL program with all its functions (no Core ML runtime needed)."""
     with quiet():
         spec = ct.utils.load_spec(path)
-        return _load_mil_proto(spec, spec.specificationVersion, os.path.join(path, "Data", "com.apple.CoreML",
-                                                                             "weights"))
+        return _load_mil_proto(spec, spec.specificationVersion, _data(path, "weights"))
 
 
 def _same(a, b) -> bool:
@@ -72,20 +73,18 @@ def _same(a, b) -> bool:
 
 
 def check_weights(prog, weights: dict, emb: dict) -> dict:
-    """Every function's LUTs, indices, fp16 weights and embedding vs ours, bit for bit: {lut_exact, ...}."""
+    """Every function's LUTs, indices, fp16 weights and embedding against ours, bit for bit."""
     lut_layers, problems = set(), []
     for fname, func in prog.functions.items():
         held = {}
         for op in func.operations:
-            if op.op_type in ("constexpr_lut_to_dense", "const", "constexpr_blockwise_shift_scale"):
-                held.setdefault(op.name, []).append(op)
+            held.setdefault(op.name, []).append(op)
         for name, w in [*weights.items(), ("tok_emb", emb)]:
             ops = held.get(mil_name(f"{name}.weight"), [])
             op, kind = (ops[0], ops[0].op_type) if len(ops) == 1 else (None, f"{len(ops)} ops")
             if w.get("lut") is not None:      # the LUT as put_weights shapes it; the indices as uint{bits}
                 lut = w["lut"].numpy()
-                ok = kind == "constexpr_lut_to_dense" \
-                    and _same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
+                ok = kind == "constexpr_lut_to_dense" and _same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
                     and mil_types.builtin_to_string(op.indices.dtype) == f"uint{w['bits']}" \
                     and _same(np.asarray(op.indices.val, np.uint8), w["indices"].numpy()[:, :, None, None])
                 lut_layers.update([name] if ok else [])
@@ -93,8 +92,7 @@ def check_weights(prog, weights: dict, emb: dict) -> dict:
                 ok = kind == "constexpr_blockwise_shift_scale" and _same(op.scale.val, w["scale"].numpy()) \
                     and _same(op.data.val.astype(np.int8), w["int8"].numpy())
             else:
-                dense = w["dense"].numpy()
-                ok = kind == "const" and _same(op.outputs[0].val.reshape(dense.shape), dense)
+                ok = kind == "const" and _same(op.outputs[0].val.reshape(w["dense"].shape), w["dense"].numpy())
             if ok and name == "tok_emb":      # one constant for the token lookup and the tied head
                 ok = {"gather", "linear"} <= {c.op_type for c in op.outputs[0].child_ops}
             if not ok:
@@ -112,11 +110,16 @@ def _f32(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float32)
 
 
+def _cast(var, val) -> np.ndarray:
+    """`val` in the dtype that MIL declares for `var`."""
+    return np.asarray(val).astype(mil_types.nptype_from_builtin(var.dtype))
+
+
 class NumpyProgram:
     """One function of a MIL program, run op by op in numpy: program(inputs, states) -> outputs."""
-    # Each op's own value_inference() (coremltools' numpy semantics), plus our conv / matmul / linear / silu
-    # and the state ops, which have none. Every op reads fp16 values, computes in fp32 and rounds to the
-    # declared fp16: fp16 storage, wider accumulation, as on the Neural Engine (its rounding not reproduced).
+    # Each op's own value_inference() (coremltools' numpy semantics), plus our conv / matmul / linear / silu and
+    # the state ops, which have none. Every op reads fp16 values, computes in fp32 and rounds to the declared
+    # fp16: fp16 storage, wider accumulation, as on the Neural Engine (its rounding not reproduced).
 
     def __init__(self, func):
         self.func, self.consts = func, {}
@@ -148,9 +151,7 @@ class NumpyProgram:
     def __call__(self, inputs: dict, states: dict) -> dict:
         """The function's outputs {name: array}; `states` ({name: array}) are read and updated in place."""
         env = dict(self.consts)
-        for name, var in self.func.inputs.items():
-            if name in inputs:
-                env[name] = np.asarray(inputs[name]).astype(mil_types.nptype_from_builtin(var.dtype))
+        env.update((n, _cast(var, inputs[n])) for n, var in self.func.inputs.items() if n in inputs)
         v = lambda var: env[var.name]                                    # noqa: E731
         for op in self.func.operations:
             t = op.op_type
@@ -175,21 +176,21 @@ class NumpyProgram:
                         var._sym_val = old
                 if out is None:
                     raise VerifyError(f"numpy run: no numpy semantics for op {t} ({op.name})")
-            for var, val in zip(op.outputs, out if len(op.outputs) > 1 else (out,)):
-                env[var.name] = np.asarray(val).astype(mil_types.nptype_from_builtin(var.dtype))
+            env.update((var.name, _cast(var, val)) for var, val in
+                       zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
         return {var.name: env[var.name] for var in self.func.outputs}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Against PyTorch
 
-def verify_text(vocab_size: int, n: int) -> torch.Tensor:
-    """n tokens of real text to run both models on: the Bible, or Python's docs when that is missing."""
+def verify_text(vocab_size: int, n: int, tokenizer=None) -> torch.Tensor:
+    """n tokens (the tokenizer's, else bytes) of real text: the Bible, or Python's docs when that is missing."""
     try:
         text = load_text("bible")
     except DataError:
         text = load_text("pydoc")
-    return encode(text[len(text) // 3:len(text) // 3 + 4 * n])[:n].long() % vocab_size
+    return encode(text[len(text) // 3:len(text) // 3 + 16 * n], tokenizer)[:n].long() % vocab_size
 
 
 @contextlib.contextmanager
@@ -204,30 +205,29 @@ def _adapter_on(model, adapter):
             remove_adapters(model)
 
 
-def compare_logits(run_pre, run_dec, new_states, model, tokens, prefill_len: int, lengths, steps: int,
-                   bar=None) -> list[tuple]:
-    """Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|) of run vs model."""
-    # For each prompt length L: prefill tokens[:L] (padded to prefill_len), then `steps` decode steps fed with
-    # the next true tokens, through run_pre/run_dec(inputs, states) -> logits and through `model` (one forward
-    # over the whole sequence, no cache).
+def compare_logits(runs, model, tokens, prefill_len: int, lengths, steps: int, bar=None) -> list[tuple]:
+    """Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|) of runs vs model."""
+    # runs: (run_prefill, run_decode, new_states, adapter) per function pair; run(inputs, states)["logits"].
+    # For each prompt length L: prefill tokens[:L] (zero-padded), then `steps` decode steps fed the next true
+    # tokens; the PyTorch model, the adapter attached, runs the whole sequence at once.
     rows = []
-    for L in lengths:
-        states = new_states()
-        padded = np.zeros((1, prefill_len), np.int32)
-        padded[0, :L] = tokens[:L].numpy()
-        got = [run_pre({"tokens": padded, "length": np.array([L], np.int32)}, states)]
-        for pos in range(L, L + steps):
-            got.append(run_dec({"token": np.array([[int(tokens[pos])]], np.int32),
-                                "pos": np.array([pos], np.int32)}, states))
-            if bar is not None:
-                bar.update(1)
-        with torch.no_grad():   # the plain model on the whole sequence: logits at L-1 .. L-1+steps
-            want = model(tokens[None, :L + steps])[0, L - 1:]
-        for g, w in zip(got, want):
-            g, w = _f32(g).reshape(-1), w.reshape(-1).float().numpy()
-            second, first = np.partition(w, -2)[-2:]
-            rows.append((float(np.abs(g - w).max()), bool(g.argmax() == w.argmax()), float(first - second),
-                         float(np.abs(w).max())))
+    for run_pre, run_dec, new_states, adapter in runs:
+        for L in lengths:
+            states, padded = new_states(), np.zeros((1, prefill_len), np.int32)
+            padded[0, :L] = tokens[:L].numpy()
+            got = [run_pre({"tokens": padded, "length": np.array([L], np.int32)}, states)["logits"]]
+            for pos in range(L, L + steps):
+                got.append(run_dec({"token": np.array([[int(tokens[pos])]], np.int32),
+                                    "pos": np.array([pos], np.int32)}, states)["logits"])
+                if bar is not None:
+                    bar.update(1)
+            with _adapter_on(model, adapter), torch.no_grad():     # logits at L-1 .. L-1+steps
+                want = model(tokens[None, :L + steps])[0, L - 1:]
+            for g, w in zip(got, want):
+                g, w = _f32(g).reshape(-1), w.reshape(-1).float().numpy()
+                second, first = np.partition(w, -2)[-2:]
+                rows.append((float(np.abs(g - w).max()), bool(g.argmax() == w.argmax()), float(first - second),
+                             float(np.abs(w).max())))
     return rows
 
 
@@ -249,43 +249,32 @@ def logit_verdict(rows) -> dict:
     return r
 
 
-def predict_check(path: str, pairs, model, tokens, prefill_len: int) -> dict:
-    """Core ML's own predict() on macOS, on one prompt per function pair; elsewhere it is skipped."""
-    if platform.system() != "Darwin":
-        return {"predict": "skipped (Core ML predict() needs macOS; the numpy run stands in for it)"}
-    try:
-        rows = []
-        for pre, dec, ad in pairs:
-            mp = ct.models.MLModel(path, function_name=pre, compute_units=ct.ComputeUnit.CPU_AND_NE)
-            md = ct.models.MLModel(path, function_name=dec, compute_units=ct.ComputeUnit.CPU_AND_NE)
-            with _adapter_on(model, ad):
-                rows += compare_logits(lambda i, st: mp.predict(i, state=st)["logits"],
-                                       lambda i, st: md.predict(i, state=st)["logits"], mp.make_state,
-                                       model, tokens, prefill_len, [max(1, prefill_len // 2)], 4)
-        return {"predict": "ok", "predict_max_abs_logit_diff": max(r[0] for r in rows),
-                "predict_argmax_agreement": sum(r[1] for r in rows) / len(rows)}
-    except Exception as e:
-        return {"predict": f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
-
-
-def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, context: int) -> dict:
-    """numpy run of every prefill/decode pair vs PyTorch, plus predict() on macOS: logit_verdict's figures."""
+def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, context: int, tokenizer=None) -> dict:
+    """Every prefill/decode pair run in numpy against PyTorch (logit_verdict), and in Core ML on macOS."""
     steps = max(0, min(8, context - prefill_len))
     lengths = sorted({prefill_len, max(1, prefill_len // 2 + 1), max(1, prefill_len // 4)})
-    tokens = verify_text(model.config.vocab_size, prefill_len + steps)
-    pairs = [("prefill", "decode", None)] + [(f"prefill_{a['name']}", f"decode_{a['name']}", a)
-                                              for a in adapter_list]
+    tokens = verify_text(model.config.vocab_size, prefill_len + steps, tokenizer)
+    pairs = [("prefill", "decode", None), *((f"prefill_{a['name']}", f"decode_{a['name']}", a) for a in adapter_list)]
     shape = tuple(pkg.functions["prefill"].inputs["k_cache"].shape)
     new_states = lambda: {n: np.zeros(shape, np.float16) for n in ("k_cache", "v_cache")}  # noqa: E731
-    rows = []
     with tqdm(total=len(pairs) * len(lengths) * steps, desc="verify (numpy vs PyTorch)", unit="step") as bar:
+        runs = ((NumpyProgram(pkg.functions[pre]), NumpyProgram(pkg.functions[dec]), new_states, ad)
+                for pre, dec, ad in pairs)
+        r = logit_verdict(compare_logits(runs, model, tokens, prefill_len, lengths, steps, bar))
+    if platform.system() != "Darwin":
+        return {**r, "predict": "skipped (Core ML predict() needs macOS; the numpy run stands in for it)"}
+
+    def coreml_runs():                          # Core ML's own predict(), one prompt per function pair
         for pre, dec, ad in pairs:
-            run_pre, run_dec = NumpyProgram(pkg.functions[pre]), NumpyProgram(pkg.functions[dec])
-            with _adapter_on(model, ad):
-                rows += compare_logits(lambda i, s: run_pre(i, s)["logits"],
-                                       lambda i, s: run_dec(i, s)["logits"], new_states, model, tokens,
-                                       prefill_len, lengths, steps, bar)
-    return {**logit_verdict(rows), **predict_check(pkg_path, pairs, model, tokens, prefill_len)}
+            mp, md = (ct.models.MLModel(pkg_path, function_name=f, compute_units=ct.ComputeUnit.CPU_AND_NE)
+                      for f in (pre, dec))
+            yield (lambda i, s: mp.predict(i, state=s)), (lambda i, s: md.predict(i, state=s)), mp.make_state, ad
+    try:
+        rows = compare_logits(coreml_runs(), model, tokens, prefill_len, [max(1, prefill_len // 2)], 4)
+        return {**r, "predict": "ok", "predict_max_abs_logit_diff": max(row[0] for row in rows),
+                "predict_argmax_agreement": sum(row[1] for row in rows) / len(rows)}
+    except Exception as e:
+        return {**r, "predict": f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,12 +305,11 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
             backed = [val.blobFileValue.offset for val in vals if val.HasField("blobFileValue")]
             blobs[name].update(backed)
             decl[name] += op.ByteSize() if backed or op.type.startswith("constexpr_") else 0
-    mine = set().union(*(blobs[f] for f in fnames))
-    mine -= set().union(*(b for f, b in blobs.items() if f not in fnames))
+    mine = set().union(*(blobs[f] for f in fnames)) - set().union(*(b for f, b in blobs.items() if f not in fnames))
     program = sum(spec.mlProgram.functions[f].ByteSize() for f in fnames)
     program += sum(d.ByteSize() for d in spec.description.functions if d.name in fnames)
     weights = 0
-    with open(os.path.join(path, "Data", "com.apple.CoreML", "weights", "weight.bin"), "rb") as fh:
+    with open(_data(path, "weights", "weight.bin"), "rb") as fh:
         for off in mine:
             fh.seek(off + 8)                                        # the blob's data size, after its header
             weights += 64 + (int.from_bytes(fh.read(8), "little") + 63) // 64 * 64
@@ -330,9 +318,8 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
 
 def bytes_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list) -> dict:
     """Package bytes against the ideal (palettize.py's + adapters in fp16) and the floor; adapters' bytes."""
-    core = os.path.join(pkg_path, "Data", "com.apple.CoreML")
-    r = {"package_bytes": dir_bytes(pkg_path), "weight_bytes": dir_bytes(os.path.join(core, "weights")),
-         "program_bytes": os.path.getsize(os.path.join(core, "model.mlmodel")), "adapters": {}}
+    r = {"package_bytes": dir_bytes(pkg_path), "weight_bytes": dir_bytes(_data(pkg_path, "weights")),
+         "program_bytes": os.path.getsize(_data(pkg_path, "model.mlmodel")), "adapters": {}}
     r["other_bytes"] = r["package_bytes"] - r["weight_bytes"] - r["program_bytes"]
     ideal, spec = ideal_bytes(model, weights, emb), ct.utils.load_spec(pkg_path)
     for ad in adapter_list:
@@ -354,7 +341,7 @@ def bytes_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list) -
 
 
 def package_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list, prefill_len: int,
-                   context: int, verify: bool = True, stage_s: dict | None = None) -> dict:
+                   context: int, tokenizer=None, verify: bool = True, stage_s: dict | None = None) -> dict:
     """The export's entry point: bytes_report, then (verify) check_weights and logit_report; stages timed."""
     r, stage_s = bytes_report(pkg_path, model, weights, emb, adapter_list), {} if stage_s is None else stage_s
     if not verify:
@@ -369,7 +356,7 @@ def package_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list,
         return {**r, "verified": False,
                 "verify_error": f"verification: {check['problems'][0]} ({len(check['problems'])} problem(s))"}
     try:
-        r.update(logit_report(pkg, pkg_path, model, adapter_list, prefill_len, context))
+        r.update(logit_report(pkg, pkg_path, model, adapter_list, prefill_len, context, tokenizer))
     except VerifyError as e:
         r["verify_error"] = str(e)
     stage_s["verify_numpy"] = time.time() - t

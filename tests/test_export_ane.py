@@ -4,6 +4,7 @@ with one adapter exported once (module fixture) and its package checked from eve
 Run: python -m pytest -q tests/test_export_ane.py"""
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -68,7 +69,7 @@ def micro_export(tmp_path_factory) -> dict:
     (stale / "stale.txt").write_text("an older export")   # must be replaced, not merged into
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(tmp_path_factory.mktemp("elsewhere"))
-        returned = E.cli(["--out-dir", str(d), "--prefill-len", "16", "--context", "48"])
+        returned = E.main(["--out-dir", str(d), "--prefill-len", "16", "--context", "48"])
     with open(d / "export.json") as f:
         report = json.load(f)
     model, _ = palettize.load_palettized(str(d / "palettized.pt"))
@@ -105,10 +106,10 @@ def test_ane_model_equals_training_model(seed):
         padded = torch.cat([toks[:, :L], torch.zeros(1, P - L, dtype=torch.long)], 1)
         every = ane.logits(ane.prefill_hidden(padded, torch.tensor([L])))[:, :L]  # all true prompt positions
         assert (every - want[:, :L]).abs().max() <= 1e-5 * scale
-        ane.mode = "prefill"                                                   # forward() as traced
-        got = [ane(padded, torch.tensor([L]))]
+        got = [ane(padded, torch.tensor([L]))]                                  # forward() as traced
+        ane.mode = "decode"
         for p in range(L, min(L + 6, cfg.max_seq_len)):
-            got.append(ane.decode(toks[:, p:p + 1], torch.tensor([p])))
+            got.append(ane(toks[:, p:p + 1], torch.tensor([p])))
         got = torch.cat(got, 1)
         assert (got - want[:, L - 1:L - 1 + got.shape[1]]).abs().max() <= 1e-5 * scale
 
@@ -226,7 +227,7 @@ def test_bad_inputs(tmp_path, capsys):
              (["--ckpt", str(tmp_path / "a.pt"), "--adapters", "--prefill-len", "99"], "--prefill-len")]
     for argv, words in cases:
         with pytest.raises(SystemExit) as e:
-            E.cli(argv + ["--out-dir", str(tmp_path / "out")])
+            E.main(argv + ["--out-dir", str(tmp_path / "out")])
         msg = str(e.value)
         assert msg.startswith("error: ") and words in msg and "\n" not in msg
     assert not os.path.exists(tmp_path / "out" / "afm.mlpackage")
@@ -265,7 +266,7 @@ def test_replace_is_atomic(tmp_path, monkeypatch):
         raise RuntimeError("interrupted")
     monkeypatch.setattr(E, "save_program", broken)
     with pytest.raises(RuntimeError):
-        E.cli(["--ckpt", str(tmp_path / "p.pt"), "--out-dir", str(tmp_path), "--adapters",
+        E.main(["--ckpt", str(tmp_path / "p.pt"), "--out-dir", str(tmp_path), "--adapters",
                "--prefill-len", "8"])
     assert sorted(os.listdir(old)) == ["b"]
     assert sorted(os.listdir(tmp_path)) == ["afm.mlpackage", "p.pt"]
@@ -279,15 +280,16 @@ def test_export_without_qk_norm_verifies(tmp_path):
     with an adapter."""
     palettize.save_palettized(str(tmp_path / "palettized.pt"), mixed_bits_model(LLAMA, 2))
     write_adapter(str(tmp_path / "adapter_chat.pt"), str(tmp_path / "palettized.pt"), "chat", 3)
-    r = E.cli(["--out-dir", str(tmp_path), "--prefill-len", "8", "--context", "16"])
+    r = E.main(["--out-dir", str(tmp_path), "--prefill-len", "8", "--context", "16"])
     assert r["verified"] and r["lut_exact"] and r["lut_layers"] == 7 and r["compared_logits"] == 2 * 3 * 9
     assert r["functions"] == ["prefill", "decode", "prefill_chat", "decode_chat"]
 
 
-def test_help_states_every_default():
-    for action in E.export_parser()._actions:
-        if action.dest != "help":
-            assert "default" in (action.help or ""), action.option_strings
+def test_help_states_every_default(capsys):
+    with pytest.raises(SystemExit):
+        E.parse_args(["--help"])
+    options = re.split(r"\n  (?=-)", capsys.readouterr().out.split("options:")[1])[2:]   # after -h, --help
+    assert len(options) == 6 and all("(default: " in " ".join(o.split()) for o in options), options
 
 
 def near_tie_checkpoint(path, seed=3):
@@ -312,7 +314,7 @@ def test_float_checkpoint_with_a_near_tie_exports_fp16_with_notice(tmp_path, cap
     failed an export whose logits were well within tolerance; the argmax is now judged only where PyTorch's
     top-2 margin exceeds the tolerance, so this checkpoint's planted near-tie passes."""
     assert near_tie_checkpoint(str(tmp_path / "ckpt.pt")) > 0
-    r = E.cli(["--ckpt", str(tmp_path / "ckpt.pt"), "--out-dir", str(tmp_path), "--adapters",
+    r = E.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out-dir", str(tmp_path), "--adapters",
                "--prefill-len", "8"])
     out = capsys.readouterr().out
     assert "notice:" in out and f"over {r['argmax_judged']} of {r['compared_logits']} positions" in out
@@ -332,7 +334,7 @@ def test_failed_verification_keeps_the_package(tmp_path, monkeypatch, capsys):
     save_model(str(tmp_path / "ckpt.pt"), random_model(NANO, 4))
     monkeypatch.setattr(V, "TOLERANCE", 1e-9)                            # no fp16 run can pass this
     with pytest.raises(SystemExit) as e:
-        E.cli(["--ckpt", str(tmp_path / "ckpt.pt"), "--out-dir", str(tmp_path), "--adapters",
+        E.main(["--ckpt", str(tmp_path / "ckpt.pt"), "--out-dir", str(tmp_path), "--adapters",
                "--prefill-len", "8"])
     msg = str(e.value)
     assert msg.startswith("error: verification") and "\n" not in msg and "kept" in msg
