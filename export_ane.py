@@ -1,13 +1,12 @@
 """
-export_ane.py -- Core ML export for the Apple Neural Engine: palettize.py's lookup tables bit for bit, a stateful
-KV cache and a pair of functions per LoRA adapter, in one multifunction .mlpackage (mlprogram, iOS18, fp16).
+export_ane.py -- Core ML export for the Apple Neural Engine: palettize.py's lookup tables bit for bit, a
+stateful KV cache and a pair of functions per LoRA adapter, in one multifunction .mlpackage (iOS18, fp16).
 
-Follows section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075): palettized weights (a 4- or 2-bit
-LUT per 16 output channels), an 8-bit embedding, adapters swapped at run time on one frozen base. The layout
-follows Apple's "Deploying Transformers on the Apple Neural Engine" (2022), each principle named where applied.
-Functions: prefill(tokens (1, P) int32 zero-padded, length (1,)) and decode(token (1, 1), pos (1,)) -> logits
-(1, 1, V); prefill_<name>, decode_<name> with adapter <name>; states k_cache, v_cache (layers, kv*hd, 1, context).
-verify_ane.py then checks the package without a Mac and counts its bytes.
+Follows section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075): palettized weights, an 8-bit
+embedding, adapters swapped at run time on one frozen base; the layout follows Apple's "Deploying Transformers
+on the Apple Neural Engine" (2022), each principle named where applied. Functions: prefill(tokens (1, P) int32
+zero-padded, length (1,)) and decode(token (1, 1), pos (1,)) -> logits (1, 1, V); prefill_<name> and
+decode_<name> with adapter <name>; states k_cache, v_cache (layers, kv*hd, 1, context). verify_ane.py checks.
 
 Run:  python export_ane.py                      # out/palettized.pt + out/adapter_*.pt -> out/afm.mlpackage
       python export_ane.py --ckpt out/ckpt.pt   # a float checkpoint: a plain fp16 export
@@ -31,8 +30,7 @@ from tqdm import tqdm
 
 from data import tokenizer_from_checkpoint
 from lora import AdapterError, adapters, load_adapter, remove_adapters
-from model import (Attention, Block, CheckpointError, FeedForward, ModelConfig, RMSNorm, Transformer, load_model,
-                   save_json)
+from model import Attention, Block, CheckpointError, FeedForward, RMSNorm, Transformer, load_model, save_json
 from palettize import load_palettized, projection_names
 from verify_ane import mil_name, package_report, quiet, read_package
 
@@ -46,12 +44,12 @@ MASK_VALUE = -1e4   # additive attention mask: exp(-1e4) is 0 in fp16, and -1e4 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# model.Transformer in the Neural Engine layout: the same parameter names and shapes, laid out differently
+# model.Transformer in the Neural Engine layout: its own modules and parameters, other forwards
 
 def ane_rms_norm(x, weight, eps: float, dim: int):
     """RMSNorm of x over `dim` (model.RMSNorm's value), computed so that it cannot overflow in fp16."""
-    # ANE principle (fp16 range): mean(x^2) overflows fp16 (max 65504) once |x| > ~256. Dividing by m >= max|x|
-    # first keeps every square <= 1, exactly: x / sqrt(mean(x^2) + eps) = (x/m) / sqrt(mean((x/m)^2) + eps/m^2)
+    # ANE principle (fp16 range): mean(x^2) overflows fp16 (max 65504) once |x| > ~256. Dividing by m >= |x|
+    # first keeps each square <= 1, exactly: x / sqrt(mean(x^2) + eps) = (x/m) / sqrt(mean((x/m)^2) + eps/m^2)
     s = eps ** 0.5
     m = x.abs().amax(dim=dim, keepdim=True).clamp(min=s)              # m >= sqrt(eps): eps/m^2 <= 1
     xs, r = x / m, s / m
@@ -77,7 +75,7 @@ class AneAttention(Attention):
     """model.Attention on (1, dim, 1, S) activations; new keys/values go through a cache callback."""
 
     def _heads(self, x, n: int, cos, sin, gain):
-        """(1, n*hd, 1, S) -> per head: RMSNorm with `gain` (hd,) unless None, then RoPE -> (1, n*hd, S)."""
+        # (1, n*hd, 1, S) -> per head: RMSNorm with `gain` (hd,) unless None, then RoPE -> (1, n*hd, S)
         S = x.shape[-1]
         x = x.view(1, n, self.head_dim, S)
         if gain is not None:
@@ -124,24 +122,22 @@ class AneBlock(Block):
         return x + self.ffn(self.ffn_norm(x))
 
 
-ANE_CLASSES = {nn.Linear: Conv1x1, RMSNorm: AneNorm, Attention: AneAttention, FeedForward: AneFeedForward,
-               Block: AneBlock}
-
-
 class AneTransformer(Transformer):
     """model.Transformer for the Neural Engine, batch 1, its KV cache in two buffers (the Core ML states)."""
     # ANE principle (channels-first data format): every activation is (B, C, 1, S), channels on the second
     # axis and the sequence on the last, the 4-D layout of the Neural Engine's buffers.
+    ane_classes = {nn.Linear: Conv1x1, RMSNorm: AneNorm, Attention: AneAttention, FeedForward: AneFeedForward,
+                   Block: AneBlock}
 
-    def __init__(self, cfg: ModelConfig, context: int | None = None):
+    def __init__(self, cfg, context: int | None = None):
         super().__init__(cfg)
-        for m in self.modules():             # the same modules and parameters, each with its ANE forward
-            m.__class__ = ANE_CLASSES.get(type(m), type(m))
-        self.context, self.mode = context or cfg.max_seq_len, "prefill"      # mode: what forward() runs
-        self.rope_cos, self.rope_sin = (t[:self.context].t().contiguous() for t in (self.rope_cos, self.rope_sin))
-        for name in ("k_cache", "v_cache"):                                # (layers, kv*hd, 1, context)
-            self.register_buffer(name, torch.zeros(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, 1, self.context),
-                                 persistent=False)
+        for m in self.modules():                      # the same modules and parameters, the forwards above
+            m.__class__ = self.ane_classes.get(type(m), type(m))
+        T = self.context = context or cfg.max_seq_len
+        self.mode = "prefill"                                               # what forward() runs
+        self.rope_cos, self.rope_sin = (r[:T].t().contiguous() for r in (self.rope_cos, self.rope_sin))
+        for name in ("k_cache", "v_cache"):                                     # (layers, kv*hd, 1, T)
+            self.register_buffer(name, torch.zeros(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, 1, T), False)
 
     def hidden(self, tokens, cos, sin, mask, pos=None):
         """Hidden states (1, dim, 1, S) of tokens (1, S); keys/values are cached at [0, S), or at `pos`."""
@@ -157,27 +153,22 @@ class AneTransformer(Transformer):
             x = layer(x, cos, sin, mask, cache)
         return x
 
-    def logits(self, x):
-        """Hidden states (1, dim, 1, S) -> logits (1, S, V) through the tied head."""
-        x = self.norm(x).squeeze(2).transpose(1, 2)                    # (1, S, dim)
-        return F.linear(x, self.tok_emb.weight)    # the embedding as stored (V, dim): one constant, two uses
-
-    def prefill_hidden(self, tokens, length):
-        """Hidden states (1, dim, 1, P) of tokens (1, P) whose first `length` (1,) are true, then padding."""
-        P = tokens.shape[1]
-        t = torch.arange(P, dtype=torch.int32)
-        # key j is visible to query i when j <= i and j < length: (S_k, S_q)
-        mask = torch.logical_or(t[:, None] > t[None, :], t[:, None] >= length).float() * MASK_VALUE
-        return self.hidden(tokens, self.rope_cos[:, :P], self.rope_sin[:, :P], mask)
-
     def forward(self, tokens, length_or_pos):
-        """prefill(tokens, length) or decode(token, pos), as `mode` says: torch.jit.trace sees one of them."""
-        if self.mode == "prefill":      # logits (1, 1, V) of the last true token; caches positions [0, P)
-            return self.logits(torch.index_select(self.prefill_hidden(tokens, length_or_pos), 3, length_or_pos - 1))
-        pos = length_or_pos             # logits (1, 1, V) of the token at pos (1,), attending to the cache
-        cos, sin = torch.index_select(self.rope_cos, 1, pos), torch.index_select(self.rope_sin, 1, pos)
-        blocked = torch.arange(self.context, dtype=torch.int32)[:, None] > pos
-        return self.logits(self.hidden(tokens, cos, sin, blocked.float() * MASK_VALUE, pos=pos))
+        """Logits (1, 1, V): prefill(tokens, length) or decode(token, pos), as `mode` says (for jit.trace)."""
+        if self.mode == "prefill":   # tokens (1, P), the first `length` (1,) true: the last true one
+            P = tokens.shape[1]
+            t = torch.arange(P, dtype=torch.int32)
+            # key j is visible to query i when j <= i and j < length: (S_k, S_q)
+            mask = torch.logical_or(t[:, None] > t[None, :], t[:, None] >= length_or_pos).float() * MASK_VALUE
+            x = self.hidden(tokens, self.rope_cos[:, :P], self.rope_sin[:, :P], mask)
+            x = torch.index_select(x, 3, length_or_pos - 1)
+        else:                        # token (1, 1) at position pos (1,), attending to the cache; cached there
+            pos = length_or_pos
+            cos, sin = torch.index_select(self.rope_cos, 1, pos), torch.index_select(self.rope_sin, 1, pos)
+            blocked = torch.arange(self.context, dtype=torch.int32)[:, None] > pos
+            x = self.hidden(tokens, cos, sin, blocked.float() * MASK_VALUE, pos=pos)
+        x = self.norm(x).squeeze(2).transpose(1, 2)                    # (1, 1, dim) -> logits, the tied head:
+        return F.linear(x, self.tok_emb.weight)    # the embedding as stored (V, dim): one constant, two uses
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -198,8 +189,8 @@ def load_base(path: str) -> tuple:
     except Exception:
         is_float = False   # load_palettized names the problem
     if is_float:
-        print(f"notice: {path} is a float checkpoint, not a palettized one: exporting plain fp16 weights (about "
-              f"4x larger). Run `python palettize.py` and export its palettized.pt for the LUT package.")
+        print(f"notice: {path} is a float checkpoint, not a palettized one: exporting plain fp16 weights "
+              f"(about 4x larger). Run `python palettize.py` and export its palettized.pt for LUTs.")
     model, ckpt = (load_model if is_float else load_palettized)(path)
     return model.eval(), "fp16" if is_float else "palettized", tokenizer_from_checkpoint(ckpt)
 
@@ -254,9 +245,9 @@ def mil_program(ane: AneTransformer, mode: str, prefill_len: int):
     ane.mode, S = mode, prefill_len if mode == "prefill" else 1
     inputs = [ct.TensorType(name=name, shape=shape, dtype=np.int32) for name, shape in
               zip(("tokens", "length") if mode == "prefill" else ("token", "pos"), ((1, S), (1,)))]
-    states = [ct.StateType(wrapped_type=ct.TensorType(shape=tuple(ane.k_cache.shape), dtype=np.float16), name=n)
-              for n in ("k_cache", "v_cache")]
-    example = torch.zeros(1, S, dtype=torch.int32), torch.tensor([S if mode == "prefill" else 0], dtype=torch.int32)
+    cache = ct.TensorType(shape=tuple(ane.k_cache.shape), dtype=np.float16)
+    states = [ct.StateType(wrapped_type=cache, name=n) for n in ("k_cache", "v_cache")]
+    example = torch.zeros(1, S, dtype=torch.int32), torch.tensor([S if mode == "prefill" else 0]).int()
     with torch.no_grad(), quiet():
         prog = ct.convert(torch.jit.trace(ane, example, check_trace=False), inputs=inputs, states=states,
                           outputs=[ct.TensorType(name="logits", dtype=np.float16)], convert_to="milinternal",
@@ -266,16 +257,11 @@ def mil_program(ane: AneTransformer, mode: str, prefill_len: int):
     return prog
 
 
-def as_graph_pass(fn):
-    """`fn` run the way coremltools runs its own passes, so that the ops it adds get scope information."""
-    def run(prog, *args):
-        with mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=[fn.__name__])):
-            return fn(prog, *args)
-    run.__doc__, run.__name__ = fn.__doc__, fn.__name__
-    return run
+def pass_scope(name: str):
+    """The scope that coremltools' own graph passes give the ops they add (Core ML wants one on every op)."""
+    return mb.scope(ScopeInfo(source=ScopeSource.COREMLTOOLS_GRAPH_PASS, data=[name]))
 
 
-@as_graph_pass
 def put_weights(prog, weights: dict, emb: dict) -> None:
     """Replace the traced weight constants (found by value) with ours, named after the PyTorch modules."""
     # a palettized projection -> one constexpr_lut_to_dense with palettize.py's LUT and indices, nothing
@@ -292,7 +278,7 @@ def put_weights(prog, weights: dict, emb: dict) -> None:
             continue
         name = todo.pop(key(v.val))
         w, mil = weights.get(name, {"lut": None}), mil_name(f"{name}.weight")
-        with func:
+        with pass_scope("put_weights"), func:
             if name == "tok_emb" and emb["int8"] is not None:
                 new = mb.constexpr_blockwise_shift_scale(data=emb["int8"].numpy(), scale=emb["scale"].numpy(),
                                                          name=mil, before_op=op)
@@ -306,14 +292,13 @@ def put_weights(prog, weights: dict, emb: dict) -> None:
                 new = mb.constexpr_lut_to_dense(indices=w["indices"].numpy()[:, :, None, None].astype(uint),
                                                 lut=lut.reshape(lut.shape[0], 1, 1, 1, lut.shape[1], 1),
                                                 name=mil, before_op=op)
-        func.replace_uses_of_var_after_op(anchor_op=op, old_var=v, new_var=new)
-        func.remove_ops([op])
+            func.replace_uses_of_var_after_op(anchor_op=op, old_var=v, new_var=new)
+            func.remove_ops([op])
     if todo:
         raise ExportError(f"the converted program has no constant equal to the weight of "
                           f"{next(iter(todo.values()))} ({len(todo)} missing)")
 
 
-@as_graph_pass
 def add_lora(prog, adapter: dict) -> None:
     """Add the adapter's branches to its projections, unmerged: conv(x, W) + conv(s * conv(x, A), B)."""
     # W stays the very constant of the base functions, stored once in the package: the adapter costs about
@@ -328,7 +313,7 @@ def add_lora(prog, adapter: dict) -> None:
             raise ExportError(f"adapter {tag}: no projection {proj} in the program")
         Bs = B.float() * scale
         fold = torch.equal(Bs.half().float(), Bs)      # the scale folded into B where exact: one op less
-        with func:
+        with pass_scope("add_lora"), func:
             at = following[id(conv)]
             a = mb.const(val=A.numpy()[:, :, None, None], name=f"{p}_lora_A", before_op=at)
             b = mb.const(val=(Bs.half() if fold else B).numpy()[:, :, None, None], name=f"{p}_lora_B",
@@ -338,15 +323,17 @@ def add_lora(prog, adapter: dict) -> None:
                 h = mb.mul(x=h, y=np.float16(scale), name=f"{p}_scale", before_op=at)
             d = mb.conv(x=h, weight=b, name=f"{p}_up", before_op=at)            # (1, out, 1, S)
             y = mb.add(x=conv.outputs[0], y=d, name=f"{p}_sum", before_op=at)
-        func.replace_uses_of_var_after_op(anchor_op=y.op, old_var=conv.outputs[0], new_var=y)
+            func.replace_uses_of_var_after_op(anchor_op=y.op, old_var=conv.outputs[0], new_var=y)
 
 
 def save_program(prog, path: str) -> None:
-    """MIL program -> a one-function .mlpackage, its text compacted: one const per small value, short names."""
+    """MIL program -> one-function .mlpackage, its text compacted: one const per small value, short names."""
     # For a small model the op list, which every adapter function repeats, is much of the package; the
     # converter emits a const for every parameter of every op (strides, axes, ...), mostly the same few.
     func, first = prog.functions["main"], {}
-    ours = lambda op: op.op_type.startswith("constexpr_") or op.name.endswith(("_weight", "_lora_A", "_lora_B"))
+
+    def ours(op):                                                     # named by put_weights or add_lora
+        return op.op_type.startswith("constexpr_") or op.name.endswith(("_weight", "_lora_A", "_lora_B"))
     for op in list(func.operations):
         v = op.outputs[0]
         if op.op_type != "const" or ours(op) or v.val is None or np.size(v.val) > 256 or v in func.outputs \
@@ -357,8 +344,8 @@ def save_program(prog, path: str) -> None:
             func.replace_uses_of_var_after_op(anchor_op=None, old_var=v, new_var=first[key])
             func.remove_ops([op])
     # a, b, ..., z, aa, ab, ...; inputs, outputs, states, our weights and the MIL text format's words are kept
-    keep = set(func.inputs) | {v.name for v in func.outputs} | {
-        "any", "bool", "program", "func", "tensor", "list", "dict", "tuple", "true", "false", "string", "state"}
+    words = set("any bool program func tensor list dict tuple true false string state".split())
+    keep = set(func.inputs) | {v.name for v in func.outputs} | words
     letters = (map("".join, itertools.product(string.ascii_lowercase, repeat=k)) for k in itertools.count(1))
     names = (n for n in itertools.chain.from_iterable(letters) if n not in keep)
     for op in (op for op in func.operations if not ours(op)):
@@ -368,6 +355,16 @@ def save_program(prog, path: str) -> None:
     with quiet():   # no further passes: the program is final
         ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18,
                    pass_pipeline=ct.PassPipeline.EMPTY, skip_model_load=True).save(path)
+
+
+def save_package(paths: dict, path: str) -> None:
+    """{function name: one-function .mlpackage} -> one .mlpackage at `path`; shared constants stored once."""
+    desc = ct.utils.MultiFunctionDescriptor()
+    for fname, p in paths.items():
+        desc.add_function(p, src_function_name="main", target_function_name=fname)
+    desc.default_function_name = next(iter(paths))
+    with quiet():
+        ct.utils.save_multifunction(desc, path)
 
 
 def replace_path(src: str, dst: str) -> None:
@@ -411,13 +408,13 @@ def export(a: argparse.Namespace) -> dict:
           f"palettized, {len(by_name)} adapter(s)); prefill {prefill_len} tokens, context {context}")
     stage_s, t = {"load": time.time() - t}, time.time()
     os.makedirs(a.out_dir, exist_ok=True)
-    dst, work = os.path.join(a.out_dir, "afm.mlpackage"), tempfile.mkdtemp(dir=a.out_dir, prefix=".tmp-export-")
-    modes = ("prefill", "decode")                          # function name -> its one-function package:
-    paths = {f: os.path.join(work, f"{f}.mlpackage") for f in [*modes, *(f"{m}_{n}" for n in by_name for m in modes)]}
+    dst, work = os.path.join(a.out_dir, "afm.mlpackage"), tempfile.mkdtemp(".export", ".tmp-", a.out_dir)
+    fnames = ["prefill", "decode", *(f"{m}_{n}" for n in by_name for m in ("prefill", "decode"))]
+    paths = {f: os.path.join(work, f"{f}.mlpackage") for f in fnames}     # function -> its own package
     try:
-        for fname in tqdm(paths, desc="export", unit="function"):
+        for fname in tqdm(fnames, desc="export", unit="function"):
             mode, _, name = fname.partition("_")
-            if name:                                           # an adapter, on a fresh copy of its base function
+            if name:                                      # an adapter, on a fresh copy of its base function
                 prog = read_package(paths[mode])
                 add_lora(prog, by_name[name])
             else:
@@ -427,36 +424,32 @@ def export(a: argparse.Namespace) -> dict:
             if fname == "decode":
                 stage_s["convert"], t = time.time() - t, time.time()
         stage_s["adapters"], t = time.time() - t, time.time()
-        desc = ct.utils.MultiFunctionDescriptor()              # one package: shared constants stored once
-        for fname, p in paths.items():
-            desc.add_function(p, src_function_name="main", target_function_name=fname)
-        desc.default_function_name = "prefill"
-        with quiet():
-            ct.utils.save_multifunction(desc, os.path.join(work, "afm.mlpackage"))
-        replace_path(os.path.join(work, "afm.mlpackage"), dst)          # kept from here on, even if unverified
+        save_package(paths, os.path.join(work, "afm.mlpackage"))
+        replace_path(os.path.join(work, "afm.mlpackage"), dst)     # kept from here on, even if unverified
         stage_s["save"] = time.time() - t
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report = {"ckpt": ckpt, "config": cfg.name, "compression": compression, "prefill_len": prefill_len,
-              "context": context, "functions": list(paths),
+              "context": context, "functions": fnames,
               "states": {n: list(ane.k_cache.shape) for n in ("k_cache", "v_cache")},
               "bits": {str(b): bits.count(b) for b in sorted(set(bits))},
               **package_report(dst, model, weights, emb, adapter_list, prefill_len, context, tokenizer,
                                verify=not a.no_verify, stage_s=stage_s)}
     stage_s["total"] = time.time() - t0
-    report.update(seconds=round(stage_s["total"], 2), stage_seconds={k: round(s, 2) for k, s in stage_s.items()})
+    report.update(seconds=round(stage_s["total"], 2),
+                  stage_seconds={k: round(x, 2) for k, x in stage_s.items()})
     save_json(os.path.join(a.out_dir, "export.json"), report)
     return report
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The command line: --help gives every default."""
+    """The command line; --help gives every default."""
     ap = argparse.ArgumentParser(description="Export the palettized model and its adapters to one Core ML "
                                  "package for the Neural Engine, and verify it.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--out-dir", default="out", help="where the package and export.json go, inputs come from")
-    ap.add_argument("--ckpt", help="palettized (or float: fp16 export) checkpoint; None: OUT_DIR/palettized.pt")
-    ap.add_argument("--adapters", nargs="*", help="adapter files, none if empty; None: every OUT_DIR/adapter_*.pt")
+    ap.add_argument("--ckpt", help="palettized (or float, for fp16) checkpoint; None: OUT_DIR/palettized.pt")
+    ap.add_argument("--adapters", nargs="*", help="adapter files, none if empty; None: OUT_DIR/adapter_*.pt")
     ap.add_argument("--prefill-len", type=int, help="prompt length of prefill; None: 64, or half the context")
     ap.add_argument("--context", type=int, help="KV-cache length; None: the model's max_seq_len")
     ap.add_argument("--no-verify", action="store_true", help="skip the checks, still count the bytes")
@@ -471,18 +464,17 @@ def main(argv=None) -> dict:
     except (ExportError, CheckpointError, AdapterError) as e:
         raise SystemExit(f"error: {e}") from None
     pkg = os.path.join(a.out_dir, "afm.mlpackage")
-    print(f"wrote {pkg}: {r['package_bytes']:,} bytes = {r['package_over_ideal']:.3f} x ideal {r['ideal_bytes']:,} "
-          f"(floor {r['floor_over_ideal']:.3f} x: weight file + declarations); functions {', '.join(r['functions'])}")
+    print(f"wrote {pkg}: {r['package_bytes']:,} bytes = {r['package_over_ideal']:.3f} x ideal (floor "
+          f"{r['floor_over_ideal']:.3f} x: weights + declarations); functions {', '.join(r['functions'])}")
     for name, ad in r["adapters"].items():
-        print(f"  adapter {name}: adds {ad['added_bytes']:,} bytes = {ad['added_over_fp16']:.3f} x its fp16 "
-              f"{ad['fp16_bytes']:,} (floor {ad['floor_over_fp16']:.3f} x)")
+        print(f"  adapter {name} adds {ad['added_bytes']:,} bytes = {ad['added_over_fp16']:.3f} x its fp16 "
+              f"bytes (floor {ad['floor_over_fp16']:.3f} x)")
     if "verify_error" in r:
         raise SystemExit(f"error: {r['verify_error']} -- the package is kept, unverified: {pkg}")
     if r["verified"]:
-        print(f"verified: LUTs exact {r['lut_exact']} ({r['lut_layers']} layers); numpy vs PyTorch max |logit "
-              f"diff| {r['max_abs_logit_diff']:.4f} <= {r['logit_tolerance']:.4f}; argmax agreement "
-              f"{r['argmax_agreement']:.1%} over {r['argmax_judged']} of {r['compared_logits']} positions (top-2 "
-              f"margin > {r['argmax_margin_threshold']:.4f}); predict(): {r['predict']}")
+        print(f"verified: LUTs exact {r['lut_exact']}; max |logit diff| {r['max_abs_logit_diff']:.4f} <= "
+              f"{r['logit_tolerance']:.4f}; argmax agreement {r['argmax_agreement']:.1%} over "
+              f"{r['argmax_judged']} of {r['compared_logits']} positions; predict(): {r['predict']}")
     print(f"{'' if r['verified'] else 'not verified (--no-verify); '}{r['seconds']:.1f} s; "
           f"report in {os.path.join(a.out_dir, 'export.json')}")
     return r

@@ -1,18 +1,16 @@
 """
-verify_ane.py -- checks a Core ML package written by export_ane.py without a Mac, and counts its bytes.
+verify_ane.py -- checks the Core ML package that export_ane.py writes, without a Mac, and counts its bytes.
 
-Backs section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075): palettize.py's LUTs and indices are
-in the package bit for bit (check_weights); it computes what the PyTorch model computes (NumpyProgram runs each
-function op by op in numpy; compare_logits), through Core ML's predict() too on macOS; an adapter costs about its
-own fp16 bytes (bytes_report).
+Backs section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075): palettize.py's LUTs and indices
+are in the package bit for bit (check_weights); each function computes what the PyTorch model computes, run op
+by op in numpy (NumpyProgram), on macOS by Core ML too (compare_logits); an adapter costs ~its fp16 bytes.
 
-Run: `python export_ane.py` calls package_report() on the package it writes (`--no-verify`: the bytes only);
+Run: `python export_ane.py` calls package_report() (`--no-verify`: the bytes only);
 tests: `python -m pytest -q tests/test_verify_ane.py`.
 """
 import contextlib
 import io
 import logging
-import math
 import os
 import platform
 import re
@@ -55,7 +53,6 @@ def mil_name(name: str) -> str:
 
 
 def _data(pkg_path: str, *parts) -> str:
-    """A path inside the package's Data/com.apple.CoreML folder."""
     return os.path.join(pkg_path, "Data", "com.apple.CoreML", *parts)
 
 
@@ -67,8 +64,7 @@ def read_package(path: str):
 
 
 def _same(a, b) -> bool:
-    """Bit-for-bit equality of two arrays, shape and dtype included."""
-    a, b = np.asarray(a), np.asarray(b)
+    a, b = np.asarray(a), np.asarray(b)                 # bit for bit, shape and dtype included
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
@@ -84,7 +80,8 @@ def check_weights(prog, weights: dict, emb: dict) -> dict:
             op, kind = (ops[0], ops[0].op_type) if len(ops) == 1 else (None, f"{len(ops)} ops")
             if w.get("lut") is not None:      # the LUT as put_weights shapes it; the indices as uint{bits}
                 lut = w["lut"].numpy()
-                ok = kind == "constexpr_lut_to_dense" and _same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
+                ok = kind == "constexpr_lut_to_dense" \
+                    and _same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
                     and mil_types.builtin_to_string(op.indices.dtype) == f"uint{w['bits']}" \
                     and _same(np.asarray(op.indices.val, np.uint8), w["indices"].numpy()[:, :, None, None])
                 lut_layers.update([name] if ok else [])
@@ -92,7 +89,8 @@ def check_weights(prog, weights: dict, emb: dict) -> dict:
                 ok = kind == "constexpr_blockwise_shift_scale" and _same(op.scale.val, w["scale"].numpy()) \
                     and _same(op.data.val.astype(np.int8), w["int8"].numpy())
             else:
-                ok = kind == "const" and _same(op.outputs[0].val.reshape(w["dense"].shape), w["dense"].numpy())
+                dense = w["dense"].numpy()
+                ok = kind == "const" and _same(op.outputs[0].val.reshape(dense.shape), dense)
             if ok and name == "tok_emb":      # one constant for the token lookup and the tied head
                 ok = {"gather", "linear"} <= {c.op_type for c in op.outputs[0].child_ops}
             if not ok:
@@ -103,23 +101,17 @@ def check_weights(prog, weights: dict, emb: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Running one function of the program in numpy
+# One function of the program, run in numpy; against PyTorch
 
 def _f32(a) -> np.ndarray:
-    """The array in fp32: ops read fp16 values and accumulate in fp32."""
     return np.asarray(a, dtype=np.float32)
-
-
-def _cast(var, val) -> np.ndarray:
-    """`val` in the dtype that MIL declares for `var`."""
-    return np.asarray(val).astype(mil_types.nptype_from_builtin(var.dtype))
 
 
 class NumpyProgram:
     """One function of a MIL program, run op by op in numpy: program(inputs, states) -> outputs."""
-    # Each op's own value_inference() (coremltools' numpy semantics), plus our conv / matmul / linear / silu and
+    # Each op's own value_inference() (coremltools' numpy semantics), plus conv / matmul / linear / silu and
     # the state ops, which have none. Every op reads fp16 values, computes in fp32 and rounds to the declared
-    # fp16: fp16 storage, wider accumulation, as on the Neural Engine (its rounding not reproduced).
+    # fp16: fp16 storage, wider accumulation, as on the Neural Engine (its rounding is not reproduced).
 
     def __init__(self, func):
         self.func, self.consts = func, {}
@@ -151,8 +143,8 @@ class NumpyProgram:
     def __call__(self, inputs: dict, states: dict) -> dict:
         """The function's outputs {name: array}; `states` ({name: array}) are read and updated in place."""
         env = dict(self.consts)
-        env.update((n, _cast(var, inputs[n])) for n, var in self.func.inputs.items() if n in inputs)
-        v = lambda var: env[var.name]                                    # noqa: E731
+        cast = lambda var, val: np.asarray(val).astype(mil_types.nptype_from_builtin(var.dtype))  # noqa: E731
+        env.update((n, cast(var, inputs[n])) for n, var in self.func.inputs.items() if n in inputs)
         for op in self.func.operations:
             t = op.op_type
             if t == "const" or t.startswith("constexpr_"):
@@ -160,9 +152,9 @@ class NumpyProgram:
             if t == "read_state":
                 out = states[op.input.name].copy()
             elif t == "coreml_update_state":
-                states[op.state.name] = out = v(op.value).copy()
+                states[op.state.name] = out = env[op.value.name].copy()
             elif t in ("conv", "matmul", "linear", "silu"):
-                out = self.own_op_value(op, v)
+                out = self.own_op_value(op, lambda var: env[var.name])
             else:
                 bound = [(var, var._sym_val) for var in op.get_flattened_inputs()]   # restored below
                 for var, _ in bound:
@@ -176,16 +168,13 @@ class NumpyProgram:
                         var._sym_val = old
                 if out is None:
                     raise VerifyError(f"numpy run: no numpy semantics for op {t} ({op.name})")
-            env.update((var.name, _cast(var, val)) for var, val in
+            env.update((var.name, cast(var, val)) for var, val in
                        zip(op.outputs, out if len(op.outputs) > 1 else (out,)))
         return {var.name: env[var.name] for var in self.func.outputs}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Against PyTorch
-
 def verify_text(vocab_size: int, n: int, tokenizer=None) -> torch.Tensor:
-    """n tokens (the tokenizer's, else bytes) of real text: the Bible, or Python's docs when that is missing."""
+    """n tokens (the tokenizer's, else bytes) of real text: the Bible, or Python's docs without it."""
     try:
         text = load_text("bible")
     except DataError:
@@ -193,41 +182,34 @@ def verify_text(vocab_size: int, n: int, tokenizer=None) -> torch.Tensor:
     return encode(text[len(text) // 3:len(text) // 3 + 16 * n], tokenizer)[:n].long() % vocab_size
 
 
-@contextlib.contextmanager
-def _adapter_on(model, adapter):
-    """The PyTorch model with the adapter file attached for the duration (None: the base alone)."""
-    if adapter is not None:
-        load_adapter(adapter["path"], model)
-    try:
-        yield model
-    finally:
-        if adapter is not None:
-            remove_adapters(model)
-
-
 def compare_logits(runs, model, tokens, prefill_len: int, lengths, steps: int, bar=None) -> list[tuple]:
     """Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|) of runs vs model."""
     # runs: (run_prefill, run_decode, new_states, adapter) per function pair; run(inputs, states)["logits"].
     # For each prompt length L: prefill tokens[:L] (zero-padded), then `steps` decode steps fed the next true
-    # tokens; the PyTorch model, the adapter attached, runs the whole sequence at once.
+    # tokens; the PyTorch model, with the adapter file attached, runs the whole sequence at once.
     rows = []
     for run_pre, run_dec, new_states, adapter in runs:
-        for L in lengths:
-            states, padded = new_states(), np.zeros((1, prefill_len), np.int32)
-            padded[0, :L] = tokens[:L].numpy()
-            got = [run_pre({"tokens": padded, "length": np.array([L], np.int32)}, states)["logits"]]
-            for pos in range(L, L + steps):
-                got.append(run_dec({"token": np.array([[int(tokens[pos])]], np.int32),
-                                    "pos": np.array([pos], np.int32)}, states)["logits"])
-                if bar is not None:
-                    bar.update(1)
-            with _adapter_on(model, adapter), torch.no_grad():     # logits at L-1 .. L-1+steps
-                want = model(tokens[None, :L + steps])[0, L - 1:]
-            for g, w in zip(got, want):
-                g, w = _f32(g).reshape(-1), w.reshape(-1).float().numpy()
-                second, first = np.partition(w, -2)[-2:]
-                rows.append((float(np.abs(g - w).max()), bool(g.argmax() == w.argmax()), float(first - second),
-                             float(np.abs(w).max())))
+        if adapter is not None:
+            load_adapter(adapter["path"], model)
+        try:
+            for L in lengths:
+                states, padded = new_states(), np.zeros((1, prefill_len), np.int32)
+                padded[0, :L] = tokens[:L].numpy()
+                got = [run_pre({"tokens": padded, "length": np.array([L], np.int32)}, states)["logits"]]
+                for pos in range(L, L + steps):
+                    got.append(run_dec({"token": np.array([[int(tokens[pos])]], np.int32),
+                                        "pos": np.array([pos], np.int32)}, states)["logits"])
+                    if bar is not None:
+                        bar.update(1)
+                with torch.no_grad():                           # logits at L-1 .. L-1+steps
+                    want = model(tokens[None, :L + steps])[0, L - 1:]
+                for g, w in zip(got, want):
+                    g, w = _f32(g).reshape(-1), w.reshape(-1).float().numpy()
+                    second, first = np.partition(w, -2)[-2:]
+                    rows.append((float(np.abs(g - w).max()), bool(g.argmax() == w.argmax()),
+                                 float(first - second), float(np.abs(w).max())))
+        finally:
+            remove_adapters(model)
     return rows
 
 
@@ -249,12 +231,14 @@ def logit_verdict(rows) -> dict:
     return r
 
 
-def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, context: int, tokenizer=None) -> dict:
-    """Every prefill/decode pair run in numpy against PyTorch (logit_verdict), and in Core ML on macOS."""
+def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, context: int,
+                 tokenizer=None) -> dict:
+    """Every prefill/decode pair run in numpy against PyTorch (logit_verdict), and by Core ML on macOS."""
     steps = max(0, min(8, context - prefill_len))
     lengths = sorted({prefill_len, max(1, prefill_len // 2 + 1), max(1, prefill_len // 4)})
     tokens = verify_text(model.config.vocab_size, prefill_len + steps, tokenizer)
-    pairs = [("prefill", "decode", None), *((f"prefill_{a['name']}", f"decode_{a['name']}", a) for a in adapter_list)]
+    pairs = [("prefill", "decode", None)] + [(f"prefill_{a['name']}", f"decode_{a['name']}", a)
+                                              for a in adapter_list]
     shape = tuple(pkg.functions["prefill"].inputs["k_cache"].shape)
     new_states = lambda: {n: np.zeros(shape, np.float16) for n in ("k_cache", "v_cache")}  # noqa: E731
     with tqdm(total=len(pairs) * len(lengths) * steps, desc="verify (numpy vs PyTorch)", unit="step") as bar:
@@ -268,7 +252,7 @@ def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, cont
         for pre, dec, ad in pairs:
             mp, md = (ct.models.MLModel(pkg_path, function_name=f, compute_units=ct.ComputeUnit.CPU_AND_NE)
                       for f in (pre, dec))
-            yield (lambda i, s: mp.predict(i, state=s)), (lambda i, s: md.predict(i, state=s)), mp.make_state, ad
+            yield lambda i, s: mp.predict(i, state=s), lambda i, s: md.predict(i, state=s), mp.make_state, ad
     try:
         rows = compare_logits(coreml_runs(), model, tokens, prefill_len, [max(1, prefill_len // 2)], 4)
         return {**r, "predict": "ok", "predict_max_abs_logit_diff": max(row[0] for row in rows),
@@ -287,7 +271,7 @@ def dir_bytes(path: str) -> int:
 
 def ideal_bytes(model, weights: dict, emb: dict) -> int:
     """Bytes of the base as palettize.py stores it: packed indices, LUTs, int8 embedding + scales, norms."""
-    n = sum(math.ceil(w["indices"].numel() * w["bits"] / 8) + 2 * w["lut"].numel() if w["lut"] is not None
+    n = sum((w["indices"].numel() * w["bits"] + 7) // 8 + 2 * w["lut"].numel() if w["lut"] is not None
             else 2 * w["dense"].numel() for w in weights.values())
     n += 2 * emb["dense"].numel() if emb["int8"] is None else emb["int8"].numel() + 2 * emb["scale"].numel()
     return n + sum(2 * v.numel() for k, v in model.state_dict().items() if k.endswith("norm.weight"))
@@ -305,7 +289,8 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
             backed = [val.blobFileValue.offset for val in vals if val.HasField("blobFileValue")]
             blobs[name].update(backed)
             decl[name] += op.ByteSize() if backed or op.type.startswith("constexpr_") else 0
-    mine = set().union(*(blobs[f] for f in fnames)) - set().union(*(b for f, b in blobs.items() if f not in fnames))
+    mine = set().union(*(blobs[f] for f in fnames))
+    mine -= set().union(*(b for f, b in blobs.items() if f not in fnames))
     program = sum(spec.mlProgram.functions[f].ByteSize() for f in fnames)
     program += sum(d.ByteSize() for d in spec.description.functions if d.name in fnames)
     weights = 0

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+import bpe
+import data
 import export_ane as E
 import lora
 import palettize
@@ -88,8 +90,8 @@ def exported(tmp_path_factory):
 
 @pytest.mark.parametrize("seed", range(5))
 def test_ane_model_equals_training_model(seed):
-    """Same float state dict -> same logits: all prompt positions, the prefill's last token, decode steps;
-    with and without query/key norm."""
+    """Same float state dict -> same logits: prefill at every prompt length, then decode steps; with and
+    without query/key norm."""
     cfg = [MICRO, NANO, ModelConfig(name="gqa4", dim=64, n_layers=2, n_heads=4, n_kv_heads=1, head_dim=16,
                                     ffn_dim=96, max_seq_len=40), LLAMA][seed % 4]
     ref = random_model(cfg, seed)
@@ -103,10 +105,10 @@ def test_ane_model_equals_training_model(seed):
     with torch.no_grad():
         want = ref(toks)                                                       # (1, T, V)
         scale = want.abs().max()
-        padded = torch.cat([toks[:, :L], torch.zeros(1, P - L, dtype=torch.long)], 1)
-        every = ane.logits(ane.prefill_hidden(padded, torch.tensor([L])))[:, :L]  # all true prompt positions
-        assert (every - want[:, :L]).abs().max() <= 1e-5 * scale
-        got = [ane(padded, torch.tensor([L]))]                                  # forward() as traced
+        pad = lambda n: torch.cat([toks[:, :n], torch.zeros(1, P - n, dtype=torch.long)], 1)  # noqa: E731
+        every = torch.cat([ane(pad(n), torch.tensor([n])) for n in range(1, P + 1)], 1)  # each prompt length
+        assert (every - want[:, :P]).abs().max() <= 1e-5 * scale
+        got = [ane(pad(L), torch.tensor([L]))]                          # the prefill the decode steps follow
         ane.mode = "decode"
         for p in range(L, min(L + 6, cfg.max_seq_len)):
             got.append(ane(toks[:, p:p + 1], torch.tensor([p])))
@@ -275,14 +277,23 @@ def test_replace_is_atomic(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------------
 # The command line; reported bugs
 
-def test_export_without_qk_norm_verifies(tmp_path):
+def reversed_bytes_tokenizer():
+    """A BPE tokenizer without merges whose id of byte b is 255 - b: its tokens are not the bytes."""
+    return data.BPETokenizer([bpe.gpt2_byte_chars()[b] for b in range(255, -1, -1)], [])
+
+
+def test_export_without_qk_norm_verifies(tmp_path, monkeypatch):
     """A Llama-like model (qk_norm=False: no query/key norm, the queries only scaled) exports and verifies,
-    with an adapter."""
-    palettize.save_palettized(str(tmp_path / "palettized.pt"), mixed_bits_model(LLAMA, 2))
+    with an adapter. Its checkpoint carries a tokenizer: the verification text is in its tokens."""
+    palettize.save_palettized(str(tmp_path / "palettized.pt"), mixed_bits_model(LLAMA, 2),
+                              tokenizer=reversed_bytes_tokenizer().to_dict())
     write_adapter(str(tmp_path / "adapter_chat.pt"), str(tmp_path / "palettized.pt"), "chat", 3)
+    texts, verify_text = [], V.verify_text
+    monkeypatch.setattr(V, "verify_text", lambda *args: texts.append(verify_text(*args)) or texts[-1])
     r = E.main(["--out-dir", str(tmp_path), "--prefill-len", "8", "--context", "16"])
     assert r["verified"] and r["lut_exact"] and r["lut_layers"] == 7 and r["compared_logits"] == 2 * 3 * 9
     assert r["functions"] == ["prefill", "decode", "prefill_chat", "decode_chat"]
+    assert len(texts) == 1 and torch.equal(texts[0], 255 - verify_text(256, 16))
 
 
 def test_help_states_every_default(capsys):

@@ -12,7 +12,7 @@ import export_ane as E
 import lora
 import palettize
 import verify_ane as V
-from test_export_ane import micro_export
+from test_export_ane import micro_export, reversed_bytes_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -72,11 +72,19 @@ def test_numpy_program_agrees_with_pytorch(package):
                 step = {"token": np.array([[int(toks[p])]], np.int32), "pos": np.array([p], np.int32)}
                 got.append(run_dec(step, states)["logits"])
             got = np.concatenate([x.reshape(1, -1) for x in got])
-            with V._adapter_on(model, ad), torch.no_grad():
+            if ad is not None:
+                lora.load_adapter(ad["path"], model)
+            with torch.no_grad():
                 want = model(toks[None])[0, L - 1:].numpy()
+            lora.remove_adapters(model)
             assert np.abs(got - want).max() <= 0.02 * max(1.0, np.abs(want).max())
             assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.99
     assert not lora.adapters(model)                                    # each adapter detached again
+
+
+def test_verify_text_in_the_checkpoints_tokenizer():
+    """The text that both models run on is in the checkpoint's tokens when it carries a tokenizer."""
+    assert torch.equal(V.verify_text(256, 40, reversed_bytes_tokenizer()), 255 - V.verify_text(256, 40))
 
 
 def test_logit_verdict_judges_the_argmax_only_where_the_margin_is_clear():
