@@ -408,13 +408,14 @@ def export(a: argparse.Namespace) -> dict:
           f"palettized, {len(by_name)} adapter(s)); prefill {prefill_len} tokens, context {context}")
     stage_s, t = {"load": time.time() - t}, time.time()
     os.makedirs(a.out_dir, exist_ok=True)
-    dst, work = os.path.join(a.out_dir, "afm.mlpackage"), tempfile.mkdtemp(".export", ".tmp-", a.out_dir)
+    dst = os.path.join(a.out_dir, "afm.mlpackage")
+    work = tempfile.mkdtemp(prefix=".tmp-export-", dir=a.out_dir)
     fnames = ["prefill", "decode", *(f"{m}_{n}" for n in by_name for m in ("prefill", "decode"))]
     paths = {f: os.path.join(work, f"{f}.mlpackage") for f in fnames}     # function -> its own package
     try:
         for fname in tqdm(fnames, desc="export", unit="function"):
-            mode, _, name = fname.partition("_")
-            if name:                                      # an adapter, on a fresh copy of its base function
+            mode, adapter, name = fname.partition("_")
+            if adapter:                                   # an adapter, on a fresh copy of its base function
                 prog = read_package(paths[mode])
                 add_lora(prog, by_name[name])
             else:
