@@ -42,7 +42,7 @@ from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palet
 
 
 class AdapterError(Exception):
-    """An adapter that does not fit the model it is loaded onto, or a bad adapter request. One-line message.
+    """An adapter that does not fit the model it is loaded onto, or a bad adapter request (one-line message).
     """
 
 
@@ -64,8 +64,7 @@ class LoRALinear(nn.Module):
             raise AdapterError(f"LoRA rank must be a positive integer, got {rank!r}")
         if not alpha > 0:
             raise AdapterError(f"LoRA alpha must be positive, got {alpha!r}")
-        self.base = base
-        self.in_features, self.out_features = base.in_features, base.out_features
+        self.base, self.in_features, self.out_features = base, base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, float(alpha), alpha / rank
         device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=device))   # (r, in)
@@ -88,9 +87,8 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
 
 def targeted_layers(model: nn.Module, targets) -> dict[str, nn.Module]:
     """{name: module} of the linear-like modules whose last name component is in `targets` (not LoRA ones)."""
-    return {name: m for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")
-            and not isinstance(m, LoRALinear)}
+    return {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets
+            and hasattr(m, "in_features") and not isinstance(m, LoRALinear)}
 
 
 def add_adapters(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=PROJECTIONS) -> list[str]:
@@ -99,29 +97,25 @@ def add_adapters(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=
     if adapters(model):
         raise AdapterError("the model already has adapters: remove_adapters() first, or load_adapter()")
     found = targeted_layers(model, targets)
-    missing = [t for t in targets if not any(n.rsplit(".", 1)[-1] == t for n in found)]
+    missing = [t for t in targets if t not in {n.rsplit(".", 1)[-1] for n in found}]
     if missing or not targets:
         raise AdapterError(f"no linear layer named {', '.join(missing) or '(none given)'} in the model")
     LoRALinear(nn.Linear(1, 1), rank, alpha)                # checks rank and alpha before anything changes
     model.requires_grad_(False)
     for name, m in found.items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, LoRALinear(m, rank, alpha))
+        model.set_submodule(name, LoRALinear(m, rank, alpha))
     return list(found)
 
 
 def remove_adapters(model: nn.Module) -> None:
     """Unwrap every LoRALinear back to its frozen base layer, in place: the bare base again."""
-    for name in adapters(model):
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, getattr(model.get_submodule(parent), leaf).base)
+    for name, m in adapters(model).items():
+        model.set_submodule(name, m.base)
 
 
 def adapter_config(model: nn.Module) -> dict | None:
-    """{rank, alpha, targets} of the attached adapters (targets in PROJECTIONS order), or None if there are
-    none."""
-    mods = adapters(model)
-    if not mods:
+    """{rank, alpha, targets} of the attached adapters (targets in PROJECTIONS order), or None if none."""
+    if not (mods := adapters(model)):
         return None
     ranks, alphas = {m.rank for m in mods.values()}, {m.alpha for m in mods.values()}
     if len(ranks) != 1 or len(alphas) != 1:
@@ -146,11 +140,8 @@ def fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen base, tensor by tensor in name order (LUTs and indices, int8 embedding, norms).
     Adapter tensors are left out and names read as if none were attached, so attaching, training or swapping
     adapters never changes it."""
-    h = hashlib.sha256()
-    state = model.state_dict()
-    for name in sorted(state):
-        if ".lora_" in name:
-            continue
+    h, state = hashlib.sha256(), model.state_dict()
+    for name in sorted(k for k in state if ".lora_" not in k):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name.replace('.base.', '.')}|{t.dtype}|{tuple(t.shape)};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
@@ -159,8 +150,7 @@ def fingerprint(model: nn.Module) -> str:
 
 def save_adapter(path: str, model: nn.Module, name: str, **extra) -> None:
     """Write the adapter tensors (fp16), their config and the base's fingerprint, atomically."""
-    cfg = adapter_config(model)
-    if cfg is None:
+    if (cfg := adapter_config(model)) is None:
         raise AdapterError("the model has no adapters to save")
     tensors = {f"{n}.{k}": getattr(m, k).detach().to("cpu", torch.float16).clone()
                for n, m in adapters(model).items() for k in ("lora_A", "lora_B")}     # (r, in), (out, r)
@@ -173,24 +163,18 @@ def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
     targets, or swapping the values of those attached) and return its checkpoint dict. Refuses, with a
     one-line AdapterError and `model` untouched, an adapter of another base, rank or targets."""
     ckpt = load_checkpoint(path, "adapter", map_location)
-    cfg = ckpt["config"]
+    cfg, fp, attached = ckpt["config"], fingerprint(model), adapter_config(model)
     if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg)
-            and isinstance(ckpt.get("adapter"),
-                                                                                              dict)):
+            and isinstance(ckpt.get("adapter"), dict)):
         raise AdapterError(f"{path}: not an adapter file of this project (config or tensors missing)")
-    fp = fingerprint(model)
     if ckpt.get("fingerprint") != fp:
         raise AdapterError(f"{path}: trained on a different base (fingerprint "
-                           f"{str(ckpt.get('fingerprint'))[:12]}, "
-                           f"this base {fp[:12]})")
-    attached = adapter_config(model)
-    if attached and (attached["rank"], set(attached["targets"])) != (cfg["rank"], set(cfg["targets"])):
-        raise AdapterError(f"{path}: rank {cfg['rank']}, targets {','.join(cfg['targets'])} do not match the "
-                           f"attached adapters' rank {attached['rank']}, targets "
-                           f"{','.join(attached['targets'])}")
-    layers = ({n: m.base for n, m in adapters(model).items()} if attached
-              else targeted_layers(model, cfg["targets"]))
-    r = cfg["rank"]
+                           f"{str(ckpt.get('fingerprint'))[:12]}, this base {fp[:12]})")
+    r, targets = cfg["rank"], cfg["targets"]
+    if attached and (attached["rank"], set(attached["targets"])) != (r, set(targets)):
+        raise AdapterError(f"{path}: rank {r}, targets {','.join(targets)} do not match the attached "
+                           f"adapters' rank {attached['rank']}, targets {','.join(attached['targets'])}")
+    layers = {n: m.base for n, m in adapters(model).items()} if attached else targeted_layers(model, targets)
     want = {k: s for n, m in layers.items()
             for k, s in ((f"{n}.lora_A", (r, m.in_features)), (f"{n}.lora_B", (m.out_features, r)))}
     got = {k: tuple(v.shape) for k, v in ckpt["adapter"].items()}
@@ -198,7 +182,7 @@ def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
         bad = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
         raise AdapterError(f"{path}: adapter tensors do not fit this model (first mismatch: {bad[0]})")
     if attached is None:
-        add_adapters(model, r, cfg["alpha"], cfg["targets"])
+        add_adapters(model, r, cfg["alpha"], targets)
     with torch.no_grad():
         for n, m in adapters(model).items():
             m.lora_A.copy_(ckpt["adapter"][f"{n}.lora_A"])
@@ -236,8 +220,7 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     before step 0 and after every step. Ctrl-C (or `stop_at`, the same for tests) ends training early and
     keeps what was learned. Under torchrun each rank trains on its slice of every batch and DDP averages the
     gradients, so the run is that of one process with the same batch."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not (params := [p for p in model.parameters() if p.requires_grad]):
         raise AdapterError("nothing to train: attach adapters first")
     if loss != "ce" and teacher is None:
         raise AdapterError(f"--loss {loss} needs a teacher model")
@@ -246,11 +229,10 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
         model, device_ids=[device] if str(device).startswith("cuda") else None,
         broadcast_buffers=False)                               # the frozen base is the same everywhere
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    warmup, losses = max(1, iters // 20), []
+    gen, warmup, losses = torch.Generator().manual_seed(seed), max(1, iters // 20), []
+    callback = callback or (lambda step: None)
     model.train()
-    if callback:
-        callback(0)
+    callback(0)
     bar = tqdm(range(iters), desc=f"lora ({loss})", disable=not progress or rank > 0, dynamic_ncols=True)
     try:
         for step in bar:
@@ -263,14 +245,13 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
             opt.zero_grad(set_to_none=True)
             step_loss.backward()
             opt.step()
-            step_loss = step_loss.detach()
-            if dist.is_initialized():
+            if dist.is_initialized():                                # the mean over the ranks
+                step_loss = step_loss.detach()
                 dist.all_reduce(step_loss)
                 step_loss /= world
             losses.append(step_loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if callback:
-                callback(step + 1)
+            callback(step + 1)
             if stop_at is not None and step + 1 >= stop_at:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
@@ -342,13 +323,13 @@ def main(argv=None):
         a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len
         if a.seq_len > base.config.max_seq_len:
             raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's {base.config.max_seq_len}")
+        if a.eval and a.adapter != "none":
+            load_adapter(a.adapter, base)
         if a.eval:
-            if a.adapter != "none":
-                load_adapter(a.adapter, base)
             bpb = val_bpb(base.to(a.device), load_splits(a.data, a.seq_len, a.tokenizer)[1], a)
             print(f"{a.data} val bpb: {bpb:.4f}  (base {a.base}, adapter {a.adapter})")
         else:
-            (train_recovery if recovery else train_feature)(a, base, t0)
+            train_task(a, base, t0)
     except (AdapterError, CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
@@ -359,130 +340,93 @@ def val_bpb(model, val, a) -> float:
                     tokenizer=a.tokenizer)["bpb"]
 
 
-def write_adapter(a, model, name: str, json_name: str, report: dict, **extra) -> str:
-    """Save the adapter as OUT_DIR/adapter_<name>.pt and its report as OUT_DIR/<json_name> (rank 0 alone);
-    returns the adapter's path."""
-    path = os.path.join(a.out_dir, f"adapter_{name}.pt")
-    if a.leader:
-        save_adapter(path, model, name.removesuffix("_zero"), **extra)
-        report["adapter_bytes"] = os.path.getsize(path)
-        save_json(os.path.join(a.out_dir, json_name), report)
-    return path
-
-
-def train_recovery(a, base, t0) -> dict:
-    """The recovery adapter: train it, measure it against the float model and the control, save; the report.
-    """
-    teacher, _ = load_model(a.teacher)
-    if teacher.config != base.config:
+def train_task(a, base, t0) -> dict:
+    """Train the recovery adapter, or a feature adapter on --data from the recovery adapter or from zero;
+    measure it, save it with its report (rank 0 alone) and return the report."""
+    recovery, log = a.task == "recovery", print if a.leader else (lambda *_: None)
+    teacher = load_model(a.teacher)[0] if recovery else None
+    if recovery and teacher.config != base.config:
         raise AdapterError(f"{a.teacher}: its config ({teacher.config.name}) differs from the base's "
                            f"({base.config.name}); the base must be palettized from this teacher")
     train, val = load_splits(a.data, a.seq_len, a.tokenizer)
-    teacher.to(a.device).eval().requires_grad_(False)
-    base.to(a.device)
-    rank = a.rank or 16
-    alpha, log = a.alpha or 2.0 * rank, print if a.leader else (lambda *_: None)
-    bpb_float, bpb_pal = val_bpb(teacher, val, a), val_bpb(base, val, a)
-    log(f"val bpb on {a.data}: float {bpb_float:.4f}, palettized {bpb_pal:.4f}")
+    if recovery:                                      # (so a recovery adapter is made on the device)
+        teacher.to(a.device).eval().requires_grad_(False)
+        bpb_float, bpb_pal = val_bpb(teacher, val, a), val_bpb(base.to(a.device), val, a)
+        log(f"val bpb on {a.data}: float {bpb_float:.4f}, palettized {bpb_pal:.4f}")
+    else:
+        orig_val = load_splits(a.base_data, a.seq_len, a.tokenizer)[1]      # of what the base learned
     torch.manual_seed(a.seed)
-    add_adapters(base, rank, alpha, a.targets)
-    trainable, total = count_parameters(base)
-    log(f"adapters: rank {rank}, alpha {alpha:g} on {','.join(a.targets)}; {trainable:,} of {total:,} train")
-    kw = dict(iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
-              device=a.device, teacher=teacher, loss=a.loss)
-    t_train = time.time()
-    losses = train_adapters(base, train, stop_at=a.stop_at, **kw)
-    t_train, done, bpb_rec = time.time() - t_train, len(losses), val_bpb(base, val, a)
-    bpb_ctrl = bpb_float if a.loss == "kl" else None     # KL(float || float) = 0: the float model stays
-    if a.loss != "kl" and a.control and done == a.iters:
-        log("control: the same adapter training on the float model ...")
-        student = copy.deepcopy(teacher)                  # a frozen copy stays the teacher
-        torch.manual_seed(a.seed)
-        add_adapters(student, rank, alpha, a.targets)
-        train_adapters(student, train, **kw)
-        bpb_ctrl = val_bpb(student, val, a)
-    gap = bpb_pal - bpb_float       # a fraction of a gap within evaluation noise says nothing: numbers only
-    meaningful = gap > 1e-3 * bpb_float
-    closed = (bpb_pal - bpb_rec) / gap if meaningful else None
-    matched = 1.0 - (bpb_rec - bpb_ctrl) / gap if meaningful and bpb_ctrl is not None else None
-    report = {
-        "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_recovered": bpb_rec, "gap": gap,
-        "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl, "gap_closed_matched": matched,
-        "base_bits_per_weight": base_bits_per_weight(base), "rank": rank, "alpha": alpha,
-        "targets": a.targets,
-        "trainable_params": trainable, "total_params": total, "iters": a.iters, "iters_done": done,
-        "interrupted": done < a.iters, "seconds": time.time() - t0, "train_seconds": t_train, "loss": a.loss,
-        "lr": a.lr, "batch_size": a.batch_size, "seq_len": a.seq_len, "seed": a.seed, "data": a.data,
-        "losses": losses, "base": a.base, "teacher": a.teacher, "device": str(a.device),
-    }
-    path = write_adapter(a, base, "recovery", "lora_recovery.json", report, loss=a.loss, val_bpb=bpb_rec,
-                         steps=done)
-    log(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f}, recovered {bpb_rec:.4f}; gap closed "
-        + (f"{closed:.1%}" if meaningful else f"n/a: the gap {gap:+.5f} is within noise")
-        + f" in {report['seconds']:.0f} s ({t_train:.0f} s training)")
-    if matched is not None:
-        log(f"control: the float model given the same adapter training reaches {bpb_ctrl:.4f}; the "
-            f"palettized one trails it by {bpb_rec - bpb_ctrl:+.4f} (was {gap:+.4f}): matched gap closed "
-            f"{matched:.1%}")
-    log(f"wrote {path} and lora_recovery.json")
-    return report
-
-
-def base_bits_per_weight(model: nn.Module) -> float:
-    """Average bits per projection weight of a palettized model, LUTs included."""
-    layers = [m for m in model.modules() if isinstance(m, PalettizedLinear)]
-    shapes = {i: (m.out_features, m.in_features) for i, m in enumerate(layers)}
-    return bits_per_weight(shapes, {i: m.bits for i, m in enumerate(layers)}, layers[0].group_size)
-
-
-def train_feature(a, base, t0) -> dict:
-    """A feature adapter on --data, from the recovery adapter or from zero; returns the report."""
-    train, val = load_splits(a.data, a.seq_len, a.tokenizer)
-    orig_val = load_splits(a.base_data, a.seq_len, a.tokenizer)[1]
-    torch.manual_seed(a.seed)
-    if a.init == "recovery":
+    if recovery or a.init == "zero":
+        add_adapters(base, a.rank or 16, a.alpha or 2.0 * (a.rank or 16), a.targets)
+    else:
         load_adapter(a.adapter, base)
         cfg = adapter_config(base)
         if (a.rank or cfg["rank"], a.alpha or cfg["alpha"], set(a.targets)) != \
                 (cfg["rank"], cfg["alpha"], set(cfg["targets"])):
             raise AdapterError(f"{a.adapter}: rank {cfg['rank']}, alpha {cfg['alpha']:g}, targets "
                                f"{','.join(cfg['targets'])} do not match --rank, --alpha, --targets")
-    else:
-        add_adapters(base, a.rank or 16, a.alpha or 2.0 * (a.rank or 16), a.targets)
-    cfg, log = adapter_config(base), print if a.leader else (lambda *_: None)
-    trainable, total = count_parameters(base.to(a.device))
-    log(f"feature adapter '{a.task}' on {a.data}, init {a.init}: rank {cfg['rank']}, alpha {cfg['alpha']:g}; "
-        f"trainable {trainable:,} of {total:,}")
-    steps, curve = {0, a.iters // 4, a.iters // 2, 3 * a.iters // 4, a.iters}, {}
+    cfg, (trainable, total) = adapter_config(base), count_parameters(base.to(a.device))
+    log(f"{a.task} adapter on {a.data}" + ("" if recovery else f", init {a.init}") + f": rank {cfg['rank']}, "
+        f"alpha {cfg['alpha']:g} on {','.join(cfg['targets'])}; {trainable:,} of {total:,} parameters train")
+    steps, curve = set() if recovery else {0, a.iters // 4, a.iters // 2, 3 * a.iters // 4, a.iters}, {}
 
-    def at_step(step):
+    def at_step(step):                                         # a feature's validation curve
         if step in steps:
             curve[step] = val_bpb(base, val, a)
             log(f"step {step}: {a.data} val bpb {curve[step]:.4f}")
-
-    orig_start, t_train = val_bpb(base, orig_val, a), time.time()
-    done = len(train_adapters(base, train, iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len,
-                              seed=a.seed, device=a.device, callback=at_step, stop_at=a.stop_at))
-    t_train = time.time() - t_train
-    if done not in curve:                                            # interrupted between two evaluations
-        curve[done] = val_bpb(base, val, a)
-    orig_end = val_bpb(base, orig_val, a)
-    report = {
-        "task": a.task, "data": a.data, "init": a.init,
-        "init_adapter": a.adapter if a.init == "recovery" else None,
-        "val_bpb_by_step": {str(s): curve[s] for s in sorted(curve)}, "orig_data": a.base_data,
-        "orig_val_bpb_start": orig_start, "orig_val_bpb_end": orig_end, "forgetting": orig_end - orig_start,
-        "rank": cfg["rank"], "alpha": cfg["alpha"], "trainable_params": trainable, "iters": a.iters,
-        "iters_done": done, "interrupted": done < a.iters, "lr": a.lr, "batch_size": a.batch_size,
-        "seq_len": a.seq_len, "seed": a.seed, "seconds": time.time() - t0, "train_seconds": t_train,
-        "base": a.base, "device": str(a.device),
-    }
-    name = a.task + ("" if a.init == "recovery" else "_zero")
-    path = write_adapter(a, base, name, f"lora_{a.task}_{a.init}.json", report, init=a.init,
-                         val_bpb=curve[done], steps=done)
-    log(f"{a.data} val bpb by step: " + ", ".join(f"{s}: {curve[s]:.4f}" for s in sorted(curve)))
-    log(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} (forgetting {orig_end - orig_start:+.4f})")
-    log(f"wrote {path} and lora_{a.task}_{a.init}.json")
+    kw = dict(iters=a.iters, lr=a.lr, batch_size=a.batch_size, seq_len=a.seq_len, seed=a.seed,
+              device=a.device, teacher=teacher, loss=a.loss if recovery else "ce")
+    orig_start, t_train = None if recovery else val_bpb(base, orig_val, a), time.time()
+    losses = train_adapters(base, train, callback=at_step, stop_at=a.stop_at, **kw)
+    t_train, done = time.time() - t_train, len(losses)
+    common = {"rank": cfg["rank"], "alpha": cfg["alpha"], "trainable_params": trainable, "iters": a.iters,
+              "iters_done": done, "interrupted": done < a.iters, "lr": a.lr, "batch_size": a.batch_size,
+              "seq_len": a.seq_len, "seed": a.seed, "seconds": time.time() - t0, "train_seconds": t_train,
+              "base": a.base, "device": str(a.device)}
+    if recovery:
+        bpb_rec, bpb_ctrl = val_bpb(base, val, a), bpb_float if a.loss == "kl" else None   # KL: the float
+        if a.loss != "kl" and a.control and done == a.iters:                  # model is its own teacher
+            log("control: the same adapter training on the float model ...")
+            student = copy.deepcopy(teacher)                      # a frozen copy stays the teacher
+            torch.manual_seed(a.seed)
+            add_adapters(student, cfg["rank"], cfg["alpha"], a.targets)
+            train_adapters(student, train, **kw)
+            bpb_ctrl = val_bpb(student, val, a)
+        gap = bpb_pal - bpb_float   # a fraction of a gap within evaluation noise says nothing: numbers only
+        closed = (bpb_pal - bpb_rec) / gap if gap > 1e-3 * bpb_float else None
+        matched = 1.0 - (bpb_rec - bpb_ctrl) / gap if closed is not None and bpb_ctrl is not None else None
+        pal = [m for m in base.modules() if isinstance(m, PalettizedLinear)]
+        bpw = bits_per_weight({m: (m.out_features, m.in_features) for m in pal}, {m: m.bits for m in pal},
+                              pal[0].group_size)
+        report = {"val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_recovered": bpb_rec,
+                  "gap": gap, "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl,
+                  "gap_closed_matched": matched, "base_bits_per_weight": bpw, **common, "targets": a.targets,
+                  "total_params": total, "loss": a.loss, "data": a.data, "losses": losses,
+                  "teacher": a.teacher}
+        log(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f}, recovered {bpb_rec:.4f}; gap "
+            + (f"closed {closed:.1%}" if closed is not None else f"{gap:+.5f}: within noise")
+            + ("" if matched is None else f"; the float model given the same adapter training reaches "
+               f"{bpb_ctrl:.4f}, so the matched gap closed is {matched:.1%}"))
+        name, json_name, extra = "recovery", "lora_recovery.json", {"loss": a.loss, "val_bpb": bpb_rec}
+    else:
+        if done not in curve:                                        # interrupted between two evaluations
+            curve[done] = val_bpb(base, val, a)
+        orig_end = val_bpb(base, orig_val, a)
+        report = {"task": a.task, "data": a.data, "init": a.init,
+                  "init_adapter": a.adapter if a.init == "recovery" else None,
+                  "val_bpb_by_step": {str(s): curve[s] for s in sorted(curve)}, "orig_data": a.base_data,
+                  "orig_val_bpb_start": orig_start, "orig_val_bpb_end": orig_end,
+                  "forgetting": orig_end - orig_start, **common}
+        log(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} "
+            f"(forgetting {orig_end - orig_start:+.4f})")
+        name, json_name = a.task + ("" if a.init == "recovery" else "_zero"), f"lora_{a.task}_{a.init}.json"
+        extra = {"init": a.init, "val_bpb": curve[done]}
+    path = os.path.join(a.out_dir, f"adapter_{name}.pt")
+    if a.leader:
+        save_adapter(path, base, name.removesuffix("_zero"), **extra, steps=done)
+        report["adapter_bytes"] = os.path.getsize(path)
+        save_json(os.path.join(a.out_dir, json_name), report)
+    log(f"wrote {path} and {json_name} in {report['seconds']:.0f} s ({t_train:.0f} s training)")
     return report
 
 

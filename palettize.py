@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DataError, evaluate, get_batch, load_splits, tokenizer_from_checkpoint
-from model import (CheckpointError, Transformer, config_from_dict, init_distributed, load_checkpoint,
-                   load_model, save_checkpoint, save_json)
+from model import (CheckpointError, Transformer, config_from_dict, count_params, init_distributed,
+                   load_checkpoint, load_model, save_checkpoint, save_json)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BITS = (1, 2, 3, 4, 6, 8)          # what Core ML's constexpr_lut_to_dense stores (uint1 ... uint8)
@@ -116,37 +116,31 @@ def palettize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 16, impor
 
 
 def _check_weight(w: torch.Tensor, bits: int, group_size: int, name: str = "weight", importance=None):
+    shape = tuple(w.shape)
     if bits not in BITS:
         raise PalettizeError(f"{name}: unsupported bits {bits} (choose from {', '.join(map(str, BITS))})")
     if w.dim() != 2:
-        raise PalettizeError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
-    if group_size < 1 or w.shape[0] % group_size:
-        raise PalettizeError(f"{name}: {w.shape[0]} output channels (shape {tuple(w.shape)}) are not "
-                             f"divisible by the group size {group_size}")
+        raise PalettizeError(f"{name}: expected a 2-D weight, got shape {shape}")
+    if group_size < 1 or shape[0] % group_size:
+        raise PalettizeError(f"{name}: {shape[0]} output channels (shape {shape}) are not divisible by the "
+                             f"group size {group_size}")
     if not bool(torch.isfinite(w).all()) or w.detach().abs().max() > 65504:
-        bad = "NaN" if torch.isnan(w).any() else "Inf (or beyond the fp16 range)"
-        raise PalettizeError(f"{name}: weight contains {bad}")
-    if importance is not None:
-        if importance.shape != w.shape:
-            raise PalettizeError(f"{name}: importance shape {tuple(importance.shape)} != weight shape "
-                                 f"{tuple(w.shape)}")
-        if not bool(torch.isfinite(importance).all()) or bool((importance < 0).any()):
-            raise PalettizeError(f"{name}: importance must be finite and non-negative")
+        raise PalettizeError(f"{name}: weight contains "
+                             + ("NaN" if torch.isnan(w).any() else "Inf (or beyond the fp16 range)"))
+    if importance is not None and importance.shape != w.shape:
+        raise PalettizeError(f"{name}: importance shape {tuple(importance.shape)} != weight shape {shape}")
+    if importance is not None and not bool((torch.isfinite(importance) & (importance >= 0)).all()):
+        raise PalettizeError(f"{name}: importance must be finite and non-negative")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 2. Mixed 2/4-bit: which layers go to 2 bits
 
-def layer_bits(shape, bits: int, group_size: int) -> int:
-    """Bits to store one palettized weight of `shape` (out, in): the indices plus the fp16 LUTs."""
-    out_f, in_f = shape
-    return bits * out_f * in_f + 16 * (out_f // group_size) * 2 ** bits
-
-
 def bits_per_weight(shapes: dict, bits: dict, group_size: int) -> float:
-    """Average bits per projection weight, LUTs included. shapes, bits: {name: (out, in)}, {name: bits}."""
-    n = sum(a * b for a, b in shapes.values())
-    return sum(layer_bits(shapes[k], bits[k], group_size) for k in shapes) / n
+    """Average bits per projection weight: each weight's index, plus a LUT of 2**bits fp16 values per group.
+    shapes, bits: {name: (out, in)}, {name: bits}."""
+    total = sum(bits[k] * o * i + 16 * (o // group_size) * 2 ** bits[k] for k, (o, i) in shapes.items())
+    return total / sum(o * i for o, i in shapes.values())
 
 
 def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16, low: int = 2, high: int = 4,
@@ -155,16 +149,14 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
     (cost[name]: what moving that layer from high to low bits costs, e.g. its estimated loss rise).
     A 0/1 knapsack solved exactly by DP over the bits saved, in steps of 0.004 / len(shapes) bits per weight.
     Raises PalettizeError when no assignment gets within tol."""
-    names = list(shapes)
-    n = sum(a * b for a, b in shapes.values())
-    hi = bits_per_weight(shapes, {k: high for k in names}, group_size)
-    lo = bits_per_weight(shapes, {k: low for k in names}, group_size)
+    names, n = list(shapes), sum(a * b for a, b in shapes.values())
+    hi, lo = (bits_per_weight(shapes, dict.fromkeys(names, b), group_size) for b in (high, low))
     if not lo - tol <= target <= hi + tol:
         raise PalettizeError(f"--bpw {target}: {low}/{high}-bit layers reach only {lo:.3f} .. {hi:.3f} bits "
                              f"per weight with group size {group_size}")
     step = 0.004 / len(names) * n                                     # DP resolution, in bits
-    save = [round((layer_bits(shapes[k], high, group_size) - layer_bits(shapes[k], low, group_size)) / step)
-            for k in names]
+    save = [round(((high - low) * o * i + 16 * (o // group_size) * (2 ** high - 2 ** low)) / step)
+            for o, i in shapes.values()]                              # the bits each layer saves at low
     S = sum(save)
     best = torch.full((S + 1,), math.inf, dtype=torch.float64)       # best[s]: least cost of saving s steps
     best[0] = 0.0
@@ -178,12 +170,11 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
     ok = (torch.arange(S + 1, dtype=torch.float64) - need).abs() <= tol * n / step
     if not bool((ok & best.isfinite()).any()):
         raise PalettizeError(f"--bpw {target}: no mix of {low}- and {high}-bit layers lands within {tol}")
-    s = int(torch.where(ok, best, math.inf).argmin())
-    bits = {}
+    s, bits = int(torch.where(ok, best, math.inf).argmin()), {}
     for i in reversed(range(len(names))):                             # walk the choices back
-        bits[names[i]] = low if took[i, s] else high
-        s -= save[i] if took[i, s] else 0
-    return {k: bits[k] for k in names}
+        if took[i, s]:
+            bits[names[i]], s = low, s - save[i]
+    return {k: bits.get(k, high) for k in names}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -192,8 +183,7 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
 def quantize_embedding(w: torch.Tensor):
     """Symmetric 8-bit quantization per row: w ~= q * scale, q int8 in [-127, 127], scale fp16 (V, 1)."""
     amax = w.detach().float().abs().amax(1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).half()
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2 ** -24))       # no fp16 underflow to 0
+    scale = torch.where(amax > 0, amax / 127, 1.0).half().clamp_min(2 ** -24)     # no fp16 underflow to 0
     q = (w.detach().float() / scale.float()).round().clamp(-127, 127).to(torch.int8)
     return q, scale
 
@@ -201,34 +191,24 @@ def quantize_embedding(w: torch.Tensor):
 # ----------------------------------------------------------------------------------------------------------
 # 4. Sensitivity: the diagonal Fisher information weights the k-means and prices each layer's 2-bit move
 
-def calibration_batches(train: torch.Tensor, n: int, batch_size: int, seq_len: int, seed: int, device):
-    """n seeded batches (x, y) of the training text, for the Fisher information and the allocation."""
-    g = torch.Generator().manual_seed(seed)
-    return [get_batch(train, batch_size, seq_len, g, device) for _ in range(n)]
+def calibration_loss(model: nn.Module, batches) -> torch.Tensor:
+    """Mean next-token cross entropy over the batches (a tensor, so that it can be differentiated)."""
+    losses = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()) for x, y in batches]
+    return sum(losses) / len(batches)
 
 
 def fisher_information(model: nn.Module, batches, names) -> dict:
     """{name: float32 tensor like the weight}: squared gradients of the loss, summed over the batches."""
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
-    weights = {n: model.get_submodule(n).weight.requires_grad_(True) for n in names}
-    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in weights.items()}
+    weights = [model.get_submodule(n).weight.requires_grad_(True) for n in names]
+    fisher = {n: torch.zeros_like(w, dtype=torch.float32) for n, w in zip(names, weights)}
     for x, y in batches:
-        grads = torch.autograd.grad(calibration_loss(model, [(x, y)]), list(weights.values()))
-        for n, g in zip(weights, grads):
+        for n, g in zip(names, torch.autograd.grad(calibration_loss(model, [(x, y)]), weights)):
             fisher[n] += g.float() ** 2
     for n, p in model.named_parameters():
         p.requires_grad_(was[n])
     return fisher
-
-
-def calibration_loss(model: nn.Module, batches) -> torch.Tensor:
-    """Mean next-token cross entropy over the batches (a tensor, so that it can be differentiated)."""
-    total = 0.0
-    for x, y in batches:
-        logits = model(x)
-        total = total + F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-    return total / len(batches)
 
 
 def fisher_score(model: nn.Module, names, fisher: dict, bits: int, group_size: int, weighted: bool) -> dict:
@@ -245,11 +225,9 @@ def loss_rise(model: nn.Module, names, batches, bits: int, group_size: int, impo
     """{name: measured rise of the calibration loss when that layer alone is palettized to `bits`}."""
     ws = [model.get_submodule(n).weight for n in names]
     res = palettize_weights(ws, bits, group_size, importance and [importance[n] for n in names], names)
-    base = calibration_loss(model, batches).item()
-    rise = {}
+    base, rise = calibration_loss(model, batches).item(), {}
     for n, w, (lut, idx) in tqdm(list(zip(names, ws, res)), desc=f"loss rise at {bits} bits", unit="layer"):
-        keep = w.data.clone()
-        w.data = dequantize(lut, idx, group_size).to(w.dtype)
+        keep, w.data = w.data, dequantize(lut, idx, group_size).to(w.dtype)
         rise[n] = calibration_loss(model, batches).item() - base
         w.data = keep
     return rise
@@ -283,17 +261,12 @@ def projection_names(model: nn.Module) -> list[str]:
             if n.rsplit(".", 1)[-1] in PROJECTIONS and isinstance(m, (nn.Linear, PalettizedLinear))]
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module):
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, module)
-
-
 def set_embedding(model: nn.Module, q: torch.Tensor, scale: torch.Tensor):
     """Make tok_emb carry the int8 embedding: buffers weight_int8, weight_scale; weight = their product."""
     e = model.tok_emb
     e.register_buffer("weight_int8", q.to(e.weight.device))
     e.register_buffer("weight_scale", scale.to(e.weight.device))
-    e.weight.data = q.to(e.weight.device).float() * scale.to(e.weight.device).float()
+    e.weight.data = e.weight_int8.float() * e.weight_scale.float()
     e.weight.requires_grad_(False)
 
 
@@ -305,39 +278,36 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     anything. Returns [{name, bits, mse, rel_mse}] per layer: the error each layer's palettization made."""
     importance = importance or {}
     layers = {n: model.get_submodule(n) for n in projection_names(model)}
-    todo = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
-    bits_of = {n: bits if isinstance(bits, int) else bits.get(n) for n in todo}
-    for n in todo:
+    layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}           # not yet palettized
+    bits_of = {n: bits if isinstance(bits, int) else bits.get(n) for n in layers}
+    for n, m in layers.items():
         if bits_of[n] is None:
             raise PalettizeError(f"{n}: no bits given for this layer")
-        _check_weight(layers[n].weight, bits_of[n], group_size, n, importance.get(n))
-    report = {}
-    bar = tqdm(total=len(todo), desc="palettize", unit="layer", disable=not progress)
+        _check_weight(m.weight, bits_of[n], group_size, n, importance.get(n))
+    report, bar = {}, tqdm(total=len(layers), desc="palettize", unit="layer", disable=not progress)
     for b in sorted(set(bits_of.values())):        # layers of equal bits go through one fast k-means together
-        part = [n for n in todo if bits_of[n] == b]
+        part = [n for n in layers if bits_of[n] == b]
         ws = [layers[n].weight for n in part]
-        imps = [importance.get(n, torch.ones_like(w)) if importance else None for n, w in zip(part, ws)]
+        imps = [importance.get(n, torch.ones_like(w)) for n, w in zip(part, ws)] if importance else None
         if plain:
-            res = [palettize_weight(w, b, group_size, imp, plain=True) for w, imp in zip(ws, imps)]
+            res = [palettize_weight(w, b, group_size, imps and imps[i], plain=True) for i, w in enumerate(ws)]
             bar.update(len(part))
         else:
-            res = palettize_weights(ws, b, group_size, imps if importance else None, names=part,
-                                    progress=bar.update)
+            res = palettize_weights(ws, b, group_size, imps, names=part, progress=bar.update)
         for n, w, (lut, idx) in zip(part, ws, res):
             err = (dequantize(lut, idx, group_size) - w.float()).pow(2).mean().item()
             power = w.float().pow(2).mean().item()
             report[n] = {"name": n, "bits": b, "mse": err, "rel_mse": err / power if power > 0 else 0.0}
-            _set_module(model, n, PalettizedLinear(lut, idx, b, group_size))
+            model.set_submodule(n, PalettizedLinear(lut, idx, b, group_size))
     bar.close()
     if not hasattr(model.tok_emb, "weight_int8"):
         set_embedding(model, *quantize_embedding(model.tok_emb.weight))
-    return [report[n] for n in todo]
+    return [report[n] for n in layers]
 
 
 def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
     """uint8 values < 2**bits -> a flat uint8 stream of ceil(numel * bits / 8) bytes (little-endian bits)."""
-    flat = idx.reshape(-1).to(torch.uint8)
-    bitstream = ((flat[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1).reshape(-1)
+    bitstream = ((idx.reshape(-1, 1).to(torch.uint8) >> torch.arange(bits, dtype=torch.uint8)) & 1).view(-1)
     bitstream = torch.cat([bitstream, bitstream.new_zeros(-bitstream.numel() % 8)]).view(-1, 8)
     return (bitstream << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
 
@@ -345,7 +315,7 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     """The inverse of pack_bits: uint8 indices of `shape`."""
     n = math.prod(shape)
-    bitstream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)
+    bitstream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).view(-1)
     b = bitstream[:n * bits].view(n, bits)
     return (b << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8).view(shape)
 
@@ -355,14 +325,12 @@ def stored_tensors(model: nn.Module) -> dict:
     "embedding": {"q", "scale"}, "float": {name: fp16 tensor} (the norm gains)}."""
     layers, covered = {}, {"tok_emb.weight", "tok_emb.weight_int8", "tok_emb.weight_scale"}
     for n in projection_names(model):
-        m = model.get_submodule(n)
-        if not isinstance(m, PalettizedLinear):
+        if not isinstance(m := model.get_submodule(n), PalettizedLinear):
             raise PalettizeError(f"{n}: not palettized (run palettize_model first)")
         layers[n] = {"bits": m.bits, "group_size": m.group_size, "shape": list(m.indices.shape),
                      "lut": m.lut.cpu().half(), "indices": pack_bits(m.indices.cpu(), m.bits)}
         covered |= {f"{n}.lut", f"{n}.indices"}
-    e = model.tok_emb
-    if not hasattr(e, "weight_int8"):
+    if not hasattr(e := model.tok_emb, "weight_int8"):
         raise PalettizeError("tok_emb: embedding not quantized (run palettize_model first)")
     floats = {k: v.detach().cpu().half() for k, v in model.state_dict().items() if k not in covered}
     return {"layers": layers, "embedding": {"q": e.weight_int8.detach().cpu(),
@@ -390,9 +358,8 @@ def load_palettized(path: str, map_location="cpu"):
             if list(model.get_submodule(n).weight.shape) != list(L["shape"]):
                 raise ValueError(f"{n} has shape {L['shape']}, the config says another")
             idx = unpack_bits(L["indices"], L["bits"], L["shape"])
-            _set_module(model, n, PalettizedLinear(L["lut"], idx, L["bits"], L["group_size"]))
-        missing = [n for n in projection_names(model) if n not in ckpt["layers"]]
-        if missing:
+            model.set_submodule(n, PalettizedLinear(L["lut"], idx, L["bits"], L["group_size"]))
+        if missing := [n for n in projection_names(model) if n not in ckpt["layers"]]:
             raise ValueError(f"no palettized weight for {missing[0]}")
         set_embedding(model, ckpt["embedding"]["q"], ckpt["embedding"]["scale"])
         bad = model.load_state_dict({k: v.float() for k, v in ckpt["float"].items()}, strict=False)
@@ -416,24 +383,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "Writes OUT_DIR/palettized.pt and OUT_DIR/palettize.json.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
-    add("--ckpt", default=None, help="float checkpoint from train.py (default: OUT_DIR/ckpt.pt)")
+    add("--ckpt", help="float checkpoint from train.py (default: OUT_DIR/ckpt.pt)")
     add("--out-dir", default="out", help="where palettized.pt and palettize.json go")
-    add("--bits", type=int, default=None, choices=BITS, help="uniform bits for every projection (default: "
-                                                             "none, a mix hitting --bpw)")
-    add("--bpw", type=float, default=None, help="average bits per projection weight, LUTs included, mixing "
-                                                "2- and 4-bit layers (default: 3.7, the paper's, no --bits)")
+    add("--bits", type=int, choices=BITS, help="uniform bits of every projection (default: a 2/4-bit mix)")
+    add("--bpw", type=float, help="bits per weight of the 2/4-bit mix, LUTs included (default: 3.7)")
     add("--group-size", type=int, default=16, help="output channels sharing one LUT")
-    add("--kmeans", choices=("fast", "plain"), default="fast",
-        help="the fast path, or the plain Lloyd k-means of section 1 (slower, never better)")
+    add("--kmeans", choices=("fast", "plain"), default="fast", help="the fast path, or plain Lloyd (slower)")
     add("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
         help="weight the k-means by the diagonal Fisher information of the calibration batches")
-    add("--alloc", choices=("fisher", "loss"), default="fisher",
-        help="--bpw: the price of moving a layer from 4 to 2 bits: the Fisher estimate, or the measured rise "
-             "of the calibration loss (one pass per layer)")
+    add("--alloc", choices=("fisher", "loss"), default="fisher", help="--bpw: a layer's cost at 2 bits is "
+        "the Fisher estimate, or the measured rise of the calibration loss (one pass per layer)")
     add("--calib-batches", type=int, default=4, help="calibration batches of the training text")
     add("--calib-batch-size", type=int, default=8, help="sequences per calibration batch")
-    add("--data", default=None, help="corpus (default: the checkpoint's training corpus)")
-    add("--seq-len", type=int, default=None, help="tokens per sequence (default: the checkpoint's)")
+    add("--data", help="corpus (default: the checkpoint's training corpus)")
+    add("--seq-len", type=int, help="tokens per sequence (default: the checkpoint's)")
     add("--eval-windows", type=int, default=256, help="validation windows per evaluation")
     add("--seed", type=int, default=0, help="seed of the calibration batches")
     add("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
@@ -442,10 +405,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     """Run the script; returns the report it writes to palettize.json."""
-    a = parse_args(argv)
     try:
-        return palettize_checkpoint(a, time.time())
-    except (PalettizeError, CheckpointError, DataError, ValueError, OSError) as e:
+        return palettize_checkpoint(parse_args(argv), time.time())
+    except (CheckpointError, DataError, ValueError, OSError) as e:          # a PalettizeError is a ValueError
         raise SystemExit(f"error: {e}")
 
 
@@ -456,73 +418,71 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
     a.bpw = 3.7 if a.bits is None and a.bpw is None else a.bpw
     if min(a.group_size, a.calib_batches, a.calib_batch_size, a.eval_windows) < 1:
         raise PalettizeError("--group-size, --calib-*, --eval-windows must be positive")
-    device = str(init_distributed(a.device)[2])
-    ckpt_path = a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
-    model, ckpt = load_model(ckpt_path)
+    device, a.ckpt = str(init_distributed(a.device)[2]), a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
+    model, ckpt = load_model(a.ckpt)
     settings = (ckpt.get("train_state") or {}).get("settings") or {}
-    data_name = a.data or settings.get("data") or "bible"
+    a.data = a.data or settings.get("data") or "bible"
     seq_len = a.seq_len or settings.get("seq_len") or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise PalettizeError(f"--seq-len {seq_len} exceeds the model's {model.config.max_seq_len}")
-    names = projection_names(model)
-    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in names}
-    for n in names:
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in projection_names(model)}
+    for n in shapes:
         _check_weight(model.get_submodule(n).weight, a.bits or 4, a.group_size, n)
     if not bool(torch.isfinite(model.tok_emb.weight).all()):
         raise PalettizeError("tok_emb: weight contains NaN or Inf")
     if a.bpw is not None:
-        allocate_bits(shapes, {n: 0.0 for n in names}, a.bpw, a.group_size)        # reachable at all?
+        allocate_bits(shapes, dict.fromkeys(shapes, 0.0), a.bpw, a.group_size)        # reachable at all?
     tokenizer = tokenizer_from_checkpoint(ckpt)                                   # None: byte-level tokens
-    train, val = load_splits(data_name, seq_len, tokenizer)
-    model.to(device).eval()
-    print(f"{ckpt_path}: {model.config.name}, {len(names)} projections, "
-          f"{sum(math.prod(s) for s in shapes.values()):,} weights; data {data_name}, seq_len {seq_len}")
+    train, val = load_splits(a.data, seq_len, tokenizer)
+    names, model = list(shapes), model.to(device).eval()
+    print(f"{a.ckpt}: {model.config.name}, {len(names)} projections, "
+          f"{sum(map(math.prod, shapes.values())):,} weights; data {a.data}, seq_len {seq_len}")
 
     def val_bpb():
         return evaluate(model, val, seq_len, batch_size=16, max_windows=a.eval_windows, device=device,
                         tokenizer=tokenizer)["bpb"]
-    bpb_float = val_bpb()
+    bpb_float, importance, rise = val_bpb(), None, None
     print(f"val bpb float: {bpb_float:.4f}")
-    batches = importance = rise = None
-    if a.sensitivity or a.bpw is not None:
-        batches = calibration_batches(train, a.calib_batches, a.calib_batch_size, seq_len, a.seed, device)
+    if a.sensitivity or a.bpw is not None:                       # seeded calibration batches of training text
+        g = torch.Generator().manual_seed(a.seed)
+        batches = [get_batch(train, a.calib_batch_size, seq_len, g, device) for _ in range(a.calib_batches)]
     if a.sensitivity:
         importance = fisher_information(model, batches, names)
-    if a.bpw is not None:
-        if a.alloc == "loss":
-            rise = loss_rise(model, names, batches, 2, a.group_size, importance)
-        else:
-            fisher = importance if importance is not None else fisher_information(model, batches, names)
-            s2, s4 = (fisher_score(model, names, fisher, b, a.group_size, a.sensitivity) for b in (2, 4))
-            rise = {n: s2[n] - s4[n] for n in names}
-    bits = allocate_bits(shapes, rise, a.bpw, a.group_size) if rise else {n: a.bits for n in names}
+    if a.bpw is not None and a.alloc == "loss":
+        rise = loss_rise(model, names, batches, 2, a.group_size, importance)
+    elif a.bpw is not None:
+        fisher = importance if importance is not None else fisher_information(model, batches, names)
+        s2, s4 = (fisher_score(model, names, fisher, b, a.group_size, a.sensitivity) for b in (2, 4))
+        rise = {n: s2[n] - s4[n] for n in names}
+    bits = allocate_bits(shapes, rise, a.bpw, a.group_size) if rise else dict.fromkeys(names, a.bits)
     t = time.time()
     report = palettize_model(model, bits, a.group_size, importance, progress=True, plain=a.kmeans == "plain")
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t_pal, bpb_pal = time.time() - t, val_bpb()
-    model_bytes = stored_bytes(stored_tensors(model))
-    float_bytes = 2 * sum(p.numel() for p in Transformer(model.config).to("meta").parameters())
-    bpw, rel = bits_per_weight(shapes, bits, a.group_size), (bpb_pal - bpb_float) / bpb_float
-
-    width = max(len(n) for n in names)
-    print(f"{'layer':<{width}}  bits  {'mse':>10}  {'rel_mse':>8}" + f"  2-bit cost ({a.alloc})" * bool(rise))
-    for r in report:
-        print(f"{r['name']:<{width}}  {r['bits']:>4}  {r['mse']:>10.3e}  {r['rel_mse']:>8.4f}"
-              + (f"  {rise[r['name']]:+.3e}" if rise else ""))
-    print(f"bits per weight {bpw:.3f} ({sum(b == 2 for b in bits.values())} of {len(bits)} layers 2-bit), "
-          f"embedding 8-bit; {model_bytes:,} bytes, fp16 {float_bytes:,} ({float_bytes / model_bytes:.2f}x)")
-    print(f"val bpb: float {bpb_float:.4f} -> palettized {bpb_pal:.4f} ({rel:+.2%}); k-means {t_pal:.1f} s")
+    model_bytes, float_bytes = stored_bytes(stored_tensors(model)), 2 * count_params(model.config)["params"]
     out = {
-        "ckpt": ckpt_path, "config": model.config.name, "data": data_name, "seq_len": seq_len,
+        "ckpt": a.ckpt, "config": model.config.name, "data": a.data, "seq_len": seq_len,
         "group_size": a.group_size, "target_bpw": a.bpw, "uniform_bits": a.bits, "sensitivity": a.sensitivity,
         "alloc": a.alloc if a.bpw is not None else None, "kmeans": a.kmeans, "calib_batches": a.calib_batches,
         "calib_batch_size": a.calib_batch_size, "eval_windows": a.eval_windows,
-        "bits_per_weight": bpw, "embedding_bits": 8, "model_bytes": model_bytes, "float_bytes": float_bytes,
+        "bits_per_weight": bits_per_weight(shapes, bits, a.group_size), "embedding_bits": 8,
+        "model_bytes": model_bytes, "float_bytes": float_bytes,
         "layers": [dict(r, **({"cost_2bit": rise[r["name"]]} if rise else {})) for r in report],
-        "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_rise": rel,
+        "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal,
+        "val_bpb_rise": (bpb_pal - bpb_float) / bpb_float,
         "palettize_seconds": t_pal, "device": device, "seconds": time.time() - t_start,
     }
+    width = max(map(len, names))
+    print(f"{'layer':<{width}}  bits  {'mse':>10}  {'rel_mse':>8}" + f"  2-bit cost ({a.alloc})" * bool(rise))
+    for r in out["layers"]:
+        print(f"{r['name']:<{width}}  {r['bits']:>4}  {r['mse']:>10.3e}  {r['rel_mse']:>8.4f}"
+              + (f"  {r['cost_2bit']:+.3e}" if rise else ""))
+    print(f"bits per weight {out['bits_per_weight']:.3f} ({list(bits.values()).count(2)} of {len(bits)} "
+          f"layers 2-bit), embedding 8-bit; {model_bytes:,} bytes, fp16 {float_bytes:,} "
+          f"({float_bytes / model_bytes:.2f}x)")
+    print(f"val bpb: float {bpb_float:.4f} -> palettized {bpb_pal:.4f} ({out['val_bpb_rise']:+.2%}); "
+          f"k-means {t_pal:.1f} s")
     path = os.path.join(a.out_dir, "palettized.pt")
     save_palettized(path, model.cpu(), report=out, tokenizer=ckpt.get("tokenizer"))
     save_json(os.path.join(a.out_dir, "palettize.json"), out)
