@@ -504,7 +504,7 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
 # group instead of O(k n), for all groups of many layers at once. Each group runs plain `kmeans` itself this
 # way (its start, its steps), and a second, over-relaxed Lloyd from a start that reaches the tails (half the
 # centres at quantiles, half evenly spaced between the smallest and largest value). Lloyd stops at a local
-# optimum; a large- neighbourhood search solved exactly by dynamic programming over the boundaries
+# optimum; a large-neighbourhood search solved exactly by dynamic programming over the boundaries
 # (`_band_refine`) then moves all boundaries jointly and never raises the error. Each group keeps the best, so
 # the result is never worse than plain `kmeans` (tests/test_palettize.py holds it to that) and is usually the
 # optimum (within 0.6% of an exact O(k n^2) DP on every one of ~1,000 random small groups there). Indices come
@@ -525,10 +525,9 @@ def key_values(kmin: int, kmax: int, device=None) -> torch.Tensor:
 
 def _prefix(counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """counts (G, R), values (R,) -> P (3, G, R + 1): prefix sums of count, count*v, count*v^2."""
-    G, R = counts.shape
-    P = counts.new_zeros(3, G, R + 1)
-    torch.cumsum(counts, 1, out=P[0, :, 1:])
+    P = counts.new_zeros(3, counts.shape[0], counts.shape[1] + 1)
     cv = counts * values
+    torch.cumsum(counts, 1, out=P[0, :, 1:])
     torch.cumsum(cv, 1, out=P[1, :, 1:])
     torch.cumsum(cv.mul_(values), 1, out=P[2, :, 1:])
     return P
@@ -536,8 +535,7 @@ def _prefix(counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def _at(P: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     """P (3, G, R+1) at positions i (G, ...) -> (3, G, ...)."""
-    G = i.shape[0]
-    return P.gather(2, i.reshape(1, G, -1).expand(3, G, -1)).view(3, *i.shape)
+    return P.gather(2, i.reshape(1, i.shape[0], -1).expand(3, -1, -1)).view(3, *i.shape)
 
 
 def _sse(n: torch.Tensor) -> torch.Tensor:
@@ -551,8 +549,7 @@ def _edges(b: torch.Tensor, R: int) -> torch.Tensor:
 
 
 def _boundaries(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """Sorted centres (G, k) -> inner boundaries (G, k-1): each value to its nearest centre (a tie goes up).
-    """
+    """Sorted centres (G, k) -> inner boundaries (G, k-1): each value goes to its nearest centre (ties up)."""
     return torch.searchsorted(values, ((c[:, 1:] + c[:, :-1]) * 0.5).contiguous())
 
 
@@ -561,16 +558,15 @@ def _means(P, values: torch.Tensor, b: torch.Tensor, old: torch.Tensor | None = 
     its `old` centre, or takes the value where it sits (either keeps the centres sorted)."""
     e = _edges(b, values.numel())
     n = _at(P, e[:, 1:]) - _at(P, e[:, :-1])                                 # (3, G, k)
-    if old is None:
-        old = values[e[:, :-1].clamp_max(values.numel() - 1)]
+    old = values[e[:, :-1].clamp_max(values.numel() - 1)] if old is None else old
     return torch.where(n[0] > 0, n[1] / n[0].clamp_min(1e-300), old), _sse(n).sum(1)
 
 
-def _lloyd(P, values, c, max_iters: int, history: list | None, relax: bool = True):
-    """Lloyd's iteration on the histograms. Over-relaxed unless relax=False: each step also tries going omega
-    times as far (then a Lloyd step from there) and keeps whichever ends with less error, doubling omega after
-    a success (at most 16) and resetting it to 2 after a failure; plain Lloyd creeps towards its fixed point
-    in ~250 steps where this takes ~60. The error never increases. Stops when no group changes."""
+def _lloyd(P, values, c, max_iters: int, record, relax: bool = True):
+    """Lloyd's iteration on the histograms, until no group changes; the error never increases. Over-relaxed
+    unless relax=False: each step also tries going omega times as far (then a Lloyd step from there) and keeps
+    whichever ends with less error, doubling omega after a success (at most 16) and resetting it to 2 after a
+    failure; plain Lloyd creeps towards its fixed point in ~250 steps where this takes ~60."""
     c, obj = _means(P, values, _boundaries(values, c), c)
     omega = c.new_full((c.shape[0], 1), 2.0)
     for _ in range(max_iters):
@@ -582,8 +578,7 @@ def _lloyd(P, values, c, max_iters: int, history: list | None, relax: bool = Tru
             c_new, new = torch.where(ok[:, None], c2, c_new), torch.where(ok, err2, new)
             omega = torch.where(ok[:, None], (omega * 2).clamp_max(16.0), 2.0)
         c = c_new
-        if history is not None:
-            history.append(new)
+        record(new)
         if torch.equal(new, obj):
             break
         obj = new
@@ -593,74 +588,61 @@ def _lloyd(P, values, c, max_iters: int, history: list | None, relax: bool = Tru
 def _band_dp(P, cand: torch.Tensor):
     """Best boundaries with boundary j restricted to cand[:, j, :] (sorted), exactly, by DP over j.
     cand (G, k-1, C) -> (chosen position (G, k-1), chosen candidate number (G, k-1), objective (G,))."""
-    G, K1, C = cand.shape
     Pc = _at(P, cand)                                                         # (3, G, k-1, C)
-    D = _sse(Pc[:, :, 0] - P[:, :, :1])             # (G, C): least error left of boundary 0 at each candidate
-    back = []
-    for j in range(K1 - 1):
+    D, back = _sse(Pc[:, :, 0] - P[:, :, :1]), []   # (G, C): least error left of boundary 0 at each candidate
+    for j in range(cand.shape[1] - 1):
         T = _sse(Pc[:, :, j + 1, None, :] - Pc[:, :, j, :, None]) + D[:, :, None]   # (G, C_j, C_j+1)
         T.masked_fill_(cand[:, j, :, None] > cand[:, j + 1, None, :], math.inf)
         D, arg = T.min(1)
         back.append(arg)
     obj, w = (D + _sse(P[:, :, -1:] - Pc[:, :, -1])).min(1)
     picks = [w]
-    for arg in reversed(back):
-        w = arg.gather(1, w[:, None])[:, 0]
-        picks.append(w)
+    for arg in reversed(back):                                                   # walk the choices back
+        picks.append(w := arg.gather(1, w[:, None])[:, 0])
     pick = torch.stack(picks[::-1], 1)                                           # (G, k-1)
     return cand.gather(2, pick[..., None])[..., 0], pick, obj
 
 
-def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, history: list | None, levels: int):
+def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, record, levels: int):
     """Large-neighbourhood search: every boundary may move anywhere between its neighbours, to one of `width`
     candidates spread evenly in value (reaching sparse tails), `width` spread evenly in cumulative count
     (resolving dense regions), or its current position; the DP picks the best joint move. Then each window
-    shrinks to the candidates either side of the one picked, for `levels` rounds. Never increases the error.
-    """
+    shrinks to the candidates either side of the pick, for `levels` rounds. The error never increases."""
     G, K1 = b.shape
     e = _edges(b, P.shape[2] - 1)
     lo, hi = e[:, :-2], e[:, 2:]                                                 # (G, k-1) windows
     u = torch.linspace(0, 1, width, dtype=torch.float64, device=b.device)
     vals = torch.cat([values, values[-1:]])                                      # value at each position 0..R
     for _ in range(levels):
-        v0, v1 = vals[lo], vals[hi]
+        v0, v1, c0, c1 = vals[lo], vals[hi], P[0].gather(1, lo), P[0].gather(1, hi)
         by_value = torch.searchsorted(values, (v0[..., None] + (v1 - v0)[..., None] * u).reshape(G, -1))
-        c0, c1 = P[0].gather(1, lo), P[0].gather(1, hi)
         by_count = torch.searchsorted(P[0], (c0[..., None] + (c1 - c0)[..., None] * u).reshape(G, -1))
         cand = torch.cat([by_value.view(G, K1, width), by_count.view(G, K1, width)], 2)
-        cand = torch.minimum(torch.maximum(cand, lo[..., None]), hi[..., None])
-        cand = torch.cat([cand, b[..., None]], 2).sort(2).values
+        cand = torch.cat([cand.clamp(lo[..., None], hi[..., None]), b[..., None]], 2).sort(2).values
         b, pick, obj = _band_dp(P, cand)
-        if history is not None:
-            history.append(obj)
-        C = cand.shape[2]
-        new_lo = cand.gather(2, (pick - 1).clamp_min(0)[..., None])[..., 0]
-        new_hi = cand.gather(2, (pick + 1).clamp_max(C - 1)[..., None])[..., 0]
-        if torch.equal(new_lo, lo) and torch.equal(new_hi, hi):
+        record(obj)
+        near = torch.stack([(pick - 1).clamp_min(0), (pick + 1).clamp_max(cand.shape[2] - 1)], -1)
+        near = cand.gather(2, near)                                 # the candidates either side of the picks
+        if torch.equal(near[..., 0], lo) and torch.equal(near[..., 1], hi):
             break
-        lo, hi = new_lo, new_hi
+        lo, hi = near[..., 0], near[..., 1]
     return b
 
 
-def _initial_centres(P, values, k: int) -> torch.Tensor:
-    """(G, k): half the centres at quantiles (j + 1/2) / (k/2) of the weighted histogram, the rest evenly
-    spaced between its smallest and largest occupied value, so that some reach the tails."""
+def _starts(P, values, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two starts (G, k): half the centres at quantiles (j + 1/2) / (k/2) of the weighted histogram and the
+    rest evenly spaced between its smallest and largest occupied value, so that some reach the tails; and
+    plain `kmeans`'s own, the values at sorted positions floor((j + 1/2) n / k)."""
     R, dev, total = values.numel(), values.device, P[0, :, -1:].contiguous()
     nq, nu = k - k // 2, k // 2
     t = (torch.arange(nq, dtype=torch.float64, device=dev) + 0.5) / nq * total
     cq = values[(torch.searchsorted(P[0], t) - 1).clamp(0, R - 1)]                  # (G, nq)
     first = (torch.searchsorted(P[0], torch.zeros_like(total), right=True) - 1).clamp(0, R - 1)
-    last = (torch.searchsorted(P[0], total) - 1).clamp(0, R - 1)
-    lo, hi = values[first], values[last]                                             # (G, 1)
+    lo, hi = values[first], values[(torch.searchsorted(P[0], total) - 1).clamp(0, R - 1)]   # (G, 1)
     cu = lo + (hi - lo) * (torch.arange(nu, dtype=torch.float64, device=dev) + 0.5) / max(nu, 1)
-    return torch.cat([cq, cu], 1).sort(1).values
-
-
-def _plain_start(P, values, k: int) -> torch.Tensor:
-    """(G, k): the start of the plain `kmeans`, on the histogram: the values at sorted positions
-    floor((j + 1/2) n / k)."""
-    t = ((torch.arange(k, dtype=torch.float64, device=values.device) + 0.5) * P[0, :, -1:] / k).floor()
-    return values[(torch.searchsorted(P[0], t, right=True) - 1).clamp(0, values.numel() - 1)]
+    t = ((torch.arange(k, dtype=torch.float64, device=dev) + 0.5) * P[0, :, -1:] / k).floor()
+    plain = values[(torch.searchsorted(P[0], t, right=True) - 1).clamp(0, R - 1)]
+    return torch.cat([cq, cu], 1).sort(1).values, plain
 
 
 def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 20, max_rounds=None,
@@ -669,29 +651,27 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
     """Sorted centres (G, k), float64: weighted 1-D k-means of G histograms at once. counts (G, R) weigh the
     sorted `values` (R,). `history`, if a list, receives the error (G,) after every step (it never increases).
     The better of plain Lloyd from plain `kmeans`'s start and over-relaxed Lloyd (at most `lloyd_iters` steps)
-    from a start reaching the tails, then rounds of band DP (`width` candidates of each kind,
-    `levels` zoom levels) and Lloyd (at most `polish_iters`) while a round lowers the total error by more than
-    `tol` (relative), at most `max_rounds` (8 for k <= 64, else 1: a round costs k sequential DP steps)."""
+    from a start reaching the tails, then rounds of band DP (`width` candidates of each kind, `levels` zoom
+    levels) and Lloyd (at most `polish_iters`) while a round lowers the total error by more than `tol`
+    (relative), at most `max_rounds` (8 for k <= 64, else 1: a round costs k sequential DP steps)."""
     # Every tensor here is (groups, k)-sized or a gather from the prefix sums: on a CPU a thread pool only
     # adds synchronisation (and stalls badly when other processes share the cores), so use one thread.
     threads = torch.get_num_threads()
-    if counts.device.type == "cpu":
-        torch.set_num_threads(1)
+    torch.set_num_threads(1 if counts.device.type == "cpu" else threads)
     try:
         values = values.double().contiguous()
         P = _prefix(counts.double(), values)
-        # two starts, each group keeps the better: plain `kmeans` itself (its start, its steps: the histogram
-        # is the data), and over-relaxed Lloyd from a start that reaches the tails
-        c = _lloyd(P, values, _initial_centres(P, values, k), lloyd_iters, history)
-        c2 = _lloyd(P, values, _plain_start(P, values, k), 100, None, relax=False)
+        record = history.append if history is not None else (lambda errors: None)
+        tails, plain = _starts(P, values, k)
+        c = _lloyd(P, values, tails, lloyd_iters, record)
+        c2 = _lloyd(P, values, plain, 100, lambda errors: None, relax=False)   # plain `kmeans` itself
         err, err2 = (_means(P, values, _boundaries(values, x), x)[1] for x in (c, c2))
-        c = torch.where((err2 < err)[:, None], c2, c)
-        if history is not None:
-            history.append(torch.minimum(err, err2))
-        total = torch.minimum(err, err2).sum().item()
+        c, err = torch.where((err2 < err)[:, None], c2, c), torch.minimum(err, err2)
+        record(err)
+        total = err.sum().item()
         for _ in range((max_rounds or (8 if k <= 64 else 1)) if k > 1 else 0):
-            b = _band_refine(P, values, _boundaries(values, c), width, history, levels)
-            c = _lloyd(P, values, _means(P, values, b)[0], polish_iters, history)
+            b = _band_refine(P, values, _boundaries(values, c), width, record, levels)
+            c = _lloyd(P, values, _means(P, values, b)[0], polish_iters, record)
             new_total = _means(P, values, _boundaries(values, c), c)[1].sum().item()
             if not new_total < total * (1 - tol):
                 break
@@ -706,58 +686,44 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
                       max_bins: int | None = None, progress=None, **kmeans_args) -> list:
     """[(fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in))] for several 2-D weights at once:
     all their groups go through one k-means per chunk of at most `max_bins` histogram bins (a GPU then sees
-    ~100 ops per chunk, not per layer). `progress`, if given, is called with the number of weights done per
-    chunk."""
-    names = names or [f"weight {i}" for i in range(len(ws))]
+    ~100 ops per chunk, not per layer). `progress`, if given, is called with the number of weights done."""
     importances = importances or [None] * len(ws)
-    for w, imp, name in zip(ws, importances, names):
-        _check_weight(w, bits, group_size, name, imp)
+    for i, (w, imp) in enumerate(zip(ws, importances)):
+        _check_weight(w, bits, group_size, names[i] if names else f"weight {i}", imp)
     if not ws:
         return []
-    device = ws[0].device
+    device, Gs = ws[0].device, [w.shape[0] // group_size for w in ws]
     if max_bins is None:   # a histogram bin costs ~48 bytes (counts, 3 prefix sums, temporaries, index table)
         max_bins = int(0.4 * torch.cuda.mem_get_info(device)[0] / 48) if device.type == "cuda" else 2 ** 24
     max_bins = min(max_bins, 2 ** 31 - 2 ** 24)            # bin numbers are int32
     keys = [fp16_keys(w.detach().to(torch.float16)) for w in ws]                 # (out, in) int16
     lim = torch.stack([torch.stack(torch.aminmax(k)) for k in keys]).int().tolist()  # one sync
-    chunks, cur = [], []                       # runs of consecutive weights whose histograms fit in max_bins
+    chunks = [[]]                              # runs of consecutive weights whose histograms fit in max_bins
     for i in range(len(ws)):
-        trial = cur + [i]
-        lo, hi = min(lim[j][0] for j in trial), max(lim[j][1] for j in trial)
-        if cur and sum(ws[j].shape[0] // group_size for j in trial) * (hi - lo + 1) > max_bins:
-            chunks.append(cur)
-            trial = [i]
-        cur = trial
-    chunks.append(cur)
-
+        trial = chunks[-1] + [i]
+        span = max(lim[j][1] for j in trial) - min(lim[j][0] for j in trial) + 1
+        fits = not chunks[-1] or sum(Gs[j] for j in trial) * span <= max_bins
+        chunks[-1:] = [trial] if fits else [chunks[-1], [i]]
     out = [None] * len(ws)
     for chunk in chunks:
         kmin, kmax = min(lim[j][0] for j in chunk), max(lim[j][1] for j in chunk)
-        R = kmax - kmin + 1
-        values = key_values(kmin, kmax, device)                                     # (R,)
-        Gs = [ws[j].shape[0] // group_size for j in chunk]
-        counts = torch.zeros(sum(Gs) * R, dtype=torch.float64, device=device)
-        bins, g0 = [], 0
-        for j, G in zip(chunk, Gs):
-            off = torch.arange(g0, g0 + G, dtype=torch.int32, device=device)[:, None] * R - kmin
-            bj = (keys[j].view(G, -1) + off).view(-1)          # int32: chunk group * R + key - kmin
-            if importances[j] is None:
-                counts.index_add_(0, bj, torch.ones(1, dtype=torch.float64, device=device).expand(bj.numel()))
-            else:
-                counts.index_add_(0, bj, importance_weights(importances[j].to(device).view(G, -1)).view(-1))
-            bins.append(bj)
-            g0 += G
-        lut = lut_from_centres(kmeans1d(counts.view(g0, R), values, 2 ** bits, **kmeans_args))  # (G_chunk, K)
+        R, values, G = kmax - kmin + 1, key_values(kmin, kmax, device), sum(Gs[j] for j in chunk)   # (R,)
+        counts, bins, g0 = torch.zeros(G * R, dtype=torch.float64, device=device), [], 0
+        for j in chunk:
+            off = torch.arange(g0, g0 + Gs[j], dtype=torch.int32, device=device)[:, None] * R - kmin
+            bins.append((keys[j].view(Gs[j], -1) + off).view(-1))     # int32: chunk group * R + key - kmin
+            imp, g0 = importances[j], g0 + Gs[j]
+            counts.index_add_(0, bins[-1], counts.new_ones(1).expand(bins[-1].numel()) if imp is None
+                              else importance_weights(imp.to(device).view(Gs[j], -1)).view(-1))
+        lut = lut_from_centres(kmeans1d(counts.view(G, R), values, 2 ** bits, **kmeans_args))  # (G, K)
         del counts
         # index of the nearest LUT entry for every key of the table: count the midpoints at or below each key
         mid = torch.searchsorted(values, ((lut.double()[:, 1:] + lut.double()[:, :-1]) * 0.5).contiguous())
-        table = torch.zeros(g0, R + 1, dtype=torch.int32, device=device)
+        table = torch.zeros(G, R + 1, dtype=torch.int32, device=device)
         table.scatter_add_(1, mid, torch.ones_like(mid, dtype=torch.int32))
-        table = table[:, :R].cumsum(1, dtype=torch.int32).to(torch.uint8).view(-1)   # (G_chunk * R,)
-        g0 = 0
-        for j, G, bj in zip(chunk, Gs, bins):
-            out[j] = (lut[g0:g0 + G].contiguous(), table.index_select(0, bj).view(ws[j].shape))
-            g0 += G
+        table = table[:, :R].cumsum(1, dtype=torch.int32).to(torch.uint8).view(-1)   # (G * R,)
+        for j, lut_j, bj in zip(chunk, lut.split([Gs[j] for j in chunk]), bins):
+            out[j] = (lut_j, table.index_select(0, bj).view(ws[j].shape))
         if progress:
             progress(len(chunk))
     return out
