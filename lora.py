@@ -36,9 +36,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, evaluate, get_batch, load_splits, tokenizer_from_checkpoint
+from data import DataError, get_batch, load_splits, tokenizer_from_checkpoint
 from model import CheckpointError, init_distributed, load_checkpoint, load_model, save_checkpoint, save_json
-from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palettized
+from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palettized, val_bpb
 
 
 class AdapterError(Exception):
@@ -163,14 +163,14 @@ def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
     targets, or swapping the values of those attached) and return its checkpoint dict. Refuses, with a
     one-line AdapterError and `model` untouched, an adapter of another base, rank or targets."""
     ckpt = load_checkpoint(path, "adapter", map_location)
-    cfg, fp, attached = ckpt["config"], fingerprint(model), adapter_config(model)
+    cfg, fp = ckpt["config"], fingerprint(model)
     if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg)
             and isinstance(ckpt.get("adapter"), dict)):
         raise AdapterError(f"{path}: not an adapter file of this project (config or tensors missing)")
     if ckpt.get("fingerprint") != fp:
         raise AdapterError(f"{path}: trained on a different base (fingerprint "
                            f"{str(ckpt.get('fingerprint'))[:12]}, this base {fp[:12]})")
-    r, targets = cfg["rank"], cfg["targets"]
+    r, targets, attached = cfg["rank"], cfg["targets"], adapter_config(model)
     if attached and (attached["rank"], set(attached["targets"])) != (r, set(targets)):
         raise AdapterError(f"{path}: rank {r}, targets {','.join(targets)} do not match the attached "
                            f"adapters' rank {attached['rank']}, targets {','.join(attached['targets'])}")
@@ -206,13 +206,6 @@ def adapter_loss(logits, targets, teacher_logits=None, kind: str = "ce"):
     return kl if kind == "kl" else 0.5 * (ce + kl)
 
 
-def adapter_lr_at(step: int, iters: int, lr: float, warmup: int) -> float:
-    """The adapter learning rate of `step`: linear warm-up, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup))))
-
-
 def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int, seq_len: int, seed: int,
                    device="cpu", teacher=None, loss: str = "ce", callback=None, progress: bool = True,
                    stop_at: int | None = None) -> list[float]:
@@ -236,8 +229,9 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     bar = tqdm(range(iters), desc=f"lora ({loss})", disable=not progress or rank > 0, dynamic_ncols=True)
     try:
         for step in bar:
-            for g in opt.param_groups:
-                g["lr"] = adapter_lr_at(step, iters, lr, warmup)
+            for g in opt.param_groups:                # linear warm-up, then cosine decay to 10% of the peak
+                g["lr"] = lr * (step + 1) / warmup if step < warmup else \
+                    lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup))))
             x, y = get_batch(train_data, batch_size, seq_len, gen, device, rank, world)  # this rank's share
             with torch.no_grad():
                 t_logits = teacher(x) if loss != "ce" else None             # (B, T, V)
@@ -265,25 +259,19 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
 # The command line
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(
-        description="Train LoRA adapters on the frozen palettized model: accuracy recovery (default), a "
-                    "feature adapter (--task NAME --init recovery|zero), or evaluate one (--eval).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
     add("--task", default="recovery", help="'recovery', or a feature name (e.g. pydoc: trains on --data)")
-    add("--init", choices=("recovery", "zero"), default="recovery",
-        help="feature adapters: start from the recovery adapter (--adapter) or from the standard init")
+    add("--init", choices=("recovery", "zero"), default="recovery", help="a feature's start: --adapter, or 0")
     add("--eval", action="store_true", help="only print the validation bpb of --base + --adapter")
     add("--out-dir", default="out", help="outputs go here; default inputs are read from here too")
     add("--base", help="palettized checkpoint (default: OUT_DIR/palettized.pt); --eval takes a float one too")
     add("--teacher", help="float checkpoint, for recovery (default: OUT_DIR/ckpt.pt)")
-    add("--adapter", help="adapter to start from (--init recovery) or to evaluate; 'none' = the bare base "
-                          "(default: OUT_DIR/adapter_recovery.pt)")
+    add("--adapter", help="to start from or evaluate, or none (default: OUT_DIR/adapter_recovery.pt)")
     add("--data", help="'bible', 'pydoc' or a text file (default: the base's corpus; a feature: its name)")
-    add("--loss", choices=("ce", "kl", "mix"), default="ce",
-        help="recovery loss: next-token CE, KL from the teacher's logits, or their mean")
-    add("--control", action=argparse.BooleanOptionalAction, default=True,
-        help="recovery with ce or mix: also train the same adapter on the float model (twice the time)")
+    add("--loss", choices=("ce", "kl", "mix"), default="ce", help="recovery: CE, KL to the teacher, or both")
+    add("--control", action=argparse.BooleanOptionalAction, default=True, help="also adapt the float model")
     add("--rank", type=int, help="LoRA rank (default: 16, or the --adapter file's)")
     add("--alpha", type=float, help="LoRA alpha, scale = alpha / rank (default: 2 x rank)")
     add("--targets", default=",".join(PROJECTIONS), help="comma-separated projections to adapt")
@@ -332,12 +320,6 @@ def main(argv=None):
             train_task(a, base, t0)
     except (AdapterError, CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-
-
-def val_bpb(model, val, a) -> float:
-    """Validation bits per byte of `model` on `val`, with the script's settings."""
-    return evaluate(model, val, a.seq_len, batch_size=16, max_windows=a.eval_windows, device=a.device,
-                    tokenizer=a.tokenizer)["bpb"]
 
 
 def train_task(a, base, t0) -> dict:
@@ -407,7 +389,7 @@ def train_task(a, base, t0) -> dict:
             + (f"closed {closed:.1%}" if closed is not None else f"{gap:+.5f}: within noise")
             + ("" if matched is None else f"; the float model given the same adapter training reaches "
                f"{bpb_ctrl:.4f}, so the matched gap closed is {matched:.1%}"))
-        name, json_name, extra = "recovery", "lora_recovery.json", {"loss": a.loss, "val_bpb": bpb_rec}
+        extra = {"loss": a.loss, "val_bpb": bpb_rec}
     else:
         if done not in curve:                                        # interrupted between two evaluations
             curve[done] = val_bpb(base, val, a)
@@ -419,8 +401,9 @@ def train_task(a, base, t0) -> dict:
                   "forgetting": orig_end - orig_start, **common}
         log(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} "
             f"(forgetting {orig_end - orig_start:+.4f})")
-        name, json_name = a.task + ("" if a.init == "recovery" else "_zero"), f"lora_{a.task}_{a.init}.json"
         extra = {"init": a.init, "val_bpb": curve[done]}
+    report["seconds"], name = time.time() - t0, a.task + ("" if recovery or a.init == "recovery" else "_zero")
+    json_name = "lora_recovery.json" if recovery else f"lora_{a.task}_{a.init}.json"
     path = os.path.join(a.out_dir, f"adapter_{name}.pt")
     if a.leader:
         save_adapter(path, base, name.removesuffix("_zero"), **extra, steps=done)

@@ -4,10 +4,9 @@ weight; 2-bit and 4-bit layers mix to about 3.7 bits per weight; the embedding g
 
 Follows section 5.1 ("Optimizations") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
 (arXiv 2407.21075). A weight (out, in) is cut into groups of 16 consecutive output channels (rows, as Core
-ML's per-grouped-channel tables group them). Each group gets a lookup table (LUT) of 2**bits fp16 values
-chosen by k-means over its weights, and every weight is stored as the index of its nearest entry.
-AFM-on-device mixes 2- and 4-bit layers to 3.7 bits per weight on average; the embedding (shared with the
-output head) is quantized to 8 bits per channel; the norm gains stay float.
+ML's per-grouped-channel tables group them); each group gets a lookup table (LUT) of 2**bits fp16 values
+chosen by k-means over its weights, and every weight is stored as the index of its nearest entry. The
+embedding (shared with the output head) gets 8 bits per channel; the norm gains stay float.
 
 Read in this order:
   1. `kmeans`, then `palettize_weight(..., plain=True)`: k-means for one group, then a LUT per group.
@@ -94,8 +93,7 @@ def dequantize(lut: torch.Tensor, indices: torch.Tensor, group_size: int = 16) -
 
 
 def importance_weights(importance: torch.Tensor) -> torch.Tensor:
-    """Per-group importance (G, n) -> k-means weights: scaled to a maximum of 1 in each group, at least 1e-6,
-    so that equal importance is plain k-means and a weight of zero importance still counts a little."""
+    """Per-group importance (G, n) -> k-means weights: scaled to a maximum of 1 per group, at least 1e-6."""
     imp = importance.detach().double()
     return (imp / imp.amax(1, keepdim=True).clamp_min(1e-300)).clamp_min(1e-6)
 
@@ -137,8 +135,7 @@ def _check_weight(w: torch.Tensor, bits: int, group_size: int, name: str = "weig
 # 2. Mixed 2/4-bit: which layers go to 2 bits
 
 def bits_per_weight(shapes: dict, bits: dict, group_size: int) -> float:
-    """Average bits per projection weight: each weight's index, plus a LUT of 2**bits fp16 values per group.
-    shapes, bits: {name: (out, in)}, {name: bits}."""
+    """Average bits per weight of the layers {name: (out, in)} at {name: bits}: indices plus fp16 LUTs."""
     total = sum(bits[k] * o * i + 16 * (o // group_size) * 2 ** bits[k] for k, (o, i) in shapes.items())
     return total / sum(o * i for o, i in shapes.values())
 
@@ -147,8 +144,7 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
                   tol: float = 0.015) -> dict:
     """{name: low or high bits} with bits_per_weight within `tol` of `target` at the least total `cost`
     (cost[name]: what moving that layer from high to low bits costs, e.g. its estimated loss rise).
-    A 0/1 knapsack solved exactly by DP over the bits saved, in steps of 0.004 / len(shapes) bits per weight.
-    Raises PalettizeError when no assignment gets within tol."""
+    An exact 0/1 knapsack: DP over the bits saved, in steps of 0.004 / len(shapes) bits per weight."""
     names, n = list(shapes), sum(a * b for a, b in shapes.values())
     hi, lo = (bits_per_weight(shapes, dict.fromkeys(names, b), group_size) for b in (high, low))
     if not lo - tol <= target <= hi + tol:
@@ -212,8 +208,7 @@ def fisher_information(model: nn.Module, batches, names) -> dict:
 
 
 def fisher_score(model: nn.Module, names, fisher: dict, bits: int, group_size: int, weighted: bool) -> dict:
-    """{name: 1/2 sum F (w_hat - w)^2}: the second-order estimate of the loss rise when that layer alone goes
-    to `bits`."""
+    """{name: 1/2 sum F (w_hat - w)^2}: the estimated loss rise when that layer alone goes to `bits`."""
     ws = [model.get_submodule(n).weight for n in names]
     res = palettize_weights(ws, bits, group_size, [fisher[n] for n in names] if weighted else None, names)
     return {n: 0.5 * (fisher[n] * (dequantize(lut, idx, group_size) - w.float()) ** 2).sum().item()
@@ -273,9 +268,8 @@ def set_embedding(model: nn.Module, q: torch.Tensor, scale: torch.Tensor):
 @torch.no_grad()
 def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: dict | None = None,
                     progress: bool = False, plain: bool = False) -> list[dict]:
-    """Palettize every projection of `model` in place and quantize the embedding to 8 bits. bits: an int or
-    {layer: bits}; importance: optional {layer: tensor like the weight}. Checks every layer before changing
-    anything. Returns [{name, bits, mse, rel_mse}] per layer: the error each layer's palettization made."""
+    """Palettize every float projection in place (bits: int or {layer: bits}; importance: {layer: tensor like
+    the weight}) after checking all, and the embedding to 8 bits. Returns [{name, bits, mse, rel_mse}]."""
     importance = importance or {}
     layers = {n: model.get_submodule(n) for n in projection_names(model)}
     layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}           # not yet palettized
@@ -289,11 +283,9 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
         part = [n for n in layers if bits_of[n] == b]
         ws = [layers[n].weight for n in part]
         imps = [importance.get(n, torch.ones_like(w)) for n, w in zip(part, ws)] if importance else None
-        if plain:
-            res = [palettize_weight(w, b, group_size, imps and imps[i], plain=True) for i, w in enumerate(ws)]
-            bar.update(len(part))
-        else:
-            res = palettize_weights(ws, b, group_size, imps, names=part, progress=bar.update)
+        res = [palettize_weight(w, b, group_size, imps and imps[i], plain=True) for i, w in enumerate(ws)] \
+            if plain else palettize_weights(ws, b, group_size, imps, names=part, progress=bar.update)
+        bar.update(len(part) if plain else 0)                     # (the fast path reports its own progress)
         for n, w, (lut, idx) in zip(part, ws, res):
             err = (dequantize(lut, idx, group_size) - w.float()).pow(2).mean().item()
             power = w.float().pow(2).mean().item()
@@ -377,11 +369,8 @@ def load_palettized(path: str, map_location="cpu"):
 # 6. The command line
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        description="Palettize a trained model: every projection weight -> per-16-channel k-means LUTs "
-                    "(uniform --bits, or a 2/4-bit mix hitting --bpw), the embedding -> 8 bits per row. "
-                    "Writes OUT_DIR/palettized.pt and OUT_DIR/palettize.json.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
     add("--ckpt", help="float checkpoint from train.py (default: OUT_DIR/ckpt.pt)")
     add("--out-dir", default="out", help="where palettized.pt and palettize.json go")
@@ -391,8 +380,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--kmeans", choices=("fast", "plain"), default="fast", help="the fast path, or plain Lloyd (slower)")
     add("--sensitivity", action=argparse.BooleanOptionalAction, default=True,
         help="weight the k-means by the diagonal Fisher information of the calibration batches")
-    add("--alloc", choices=("fisher", "loss"), default="fisher", help="--bpw: a layer's cost at 2 bits is "
-        "the Fisher estimate, or the measured rise of the calibration loss (one pass per layer)")
+    add("--alloc", choices=("fisher", "loss"), default="fisher",
+        help="--bpw: a layer's 2-bit cost is the Fisher estimate, or the measured calibration loss rise")
     add("--calib-batches", type=int, default=4, help="calibration batches of the training text")
     add("--calib-batch-size", type=int, default=8, help="sequences per calibration batch")
     add("--data", help="corpus (default: the checkpoint's training corpus)")
@@ -411,6 +400,12 @@ def main(argv=None) -> dict:
         raise SystemExit(f"error: {e}")
 
 
+def val_bpb(model: nn.Module, val: torch.Tensor, a: argparse.Namespace) -> float:
+    """Validation bits per byte of `model` on `val`, with the script's settings."""
+    return evaluate(model, val, a.seq_len, batch_size=16, max_windows=a.eval_windows, device=a.device,
+                    tokenizer=a.tokenizer)["bpb"]
+
+
 def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
     """Everything the command line does; returns the report. Every check comes before any work."""
     if a.bits is not None and a.bpw is not None:
@@ -418,13 +413,13 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
     a.bpw = 3.7 if a.bits is None and a.bpw is None else a.bpw
     if min(a.group_size, a.calib_batches, a.calib_batch_size, a.eval_windows) < 1:
         raise PalettizeError("--group-size, --calib-*, --eval-windows must be positive")
-    device, a.ckpt = str(init_distributed(a.device)[2]), a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
+    a.device, a.ckpt = str(init_distributed(a.device)[2]), a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
     model, ckpt = load_model(a.ckpt)
     settings = (ckpt.get("train_state") or {}).get("settings") or {}
     a.data = a.data or settings.get("data") or "bible"
-    seq_len = a.seq_len or settings.get("seq_len") or model.config.max_seq_len
-    if seq_len > model.config.max_seq_len:
-        raise PalettizeError(f"--seq-len {seq_len} exceeds the model's {model.config.max_seq_len}")
+    a.seq_len = a.seq_len or settings.get("seq_len") or model.config.max_seq_len
+    if a.seq_len > model.config.max_seq_len:
+        raise PalettizeError(f"--seq-len {a.seq_len} exceeds the model's {model.config.max_seq_len}")
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in projection_names(model)}
     for n in shapes:
         _check_weight(model.get_submodule(n).weight, a.bits or 4, a.group_size, n)
@@ -432,20 +427,16 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
         raise PalettizeError("tok_emb: weight contains NaN or Inf")
     if a.bpw is not None:
         allocate_bits(shapes, dict.fromkeys(shapes, 0.0), a.bpw, a.group_size)        # reachable at all?
-    tokenizer = tokenizer_from_checkpoint(ckpt)                                   # None: byte-level tokens
-    train, val = load_splits(a.data, seq_len, tokenizer)
-    names, model = list(shapes), model.to(device).eval()
-    print(f"{a.ckpt}: {model.config.name}, {len(names)} projections, "
-          f"{sum(map(math.prod, shapes.values())):,} weights; data {a.data}, seq_len {seq_len}")
-
-    def val_bpb():
-        return evaluate(model, val, seq_len, batch_size=16, max_windows=a.eval_windows, device=device,
-                        tokenizer=tokenizer)["bpb"]
-    bpb_float, importance, rise = val_bpb(), None, None
-    print(f"val bpb float: {bpb_float:.4f}")
+    a.tokenizer = tokenizer_from_checkpoint(ckpt)                                 # None: byte-level tokens
+    train, val = load_splits(a.data, a.seq_len, a.tokenizer)
+    names, model, importance, rise = list(shapes), model.to(a.device).eval(), None, None
+    bpb_float = val_bpb(model, val, a)
+    print(f"{a.ckpt}: {model.config.name}, {len(names)} projections, {sum(map(math.prod, shapes.values())):,}"
+          f" weights; data {a.data}, seq_len {a.seq_len}; val bpb {bpb_float:.4f}")
     if a.sensitivity or a.bpw is not None:                       # seeded calibration batches of training text
         g = torch.Generator().manual_seed(a.seed)
-        batches = [get_batch(train, a.calib_batch_size, seq_len, g, device) for _ in range(a.calib_batches)]
+        batches = [get_batch(train, a.calib_batch_size, a.seq_len, g, a.device)
+                   for _ in range(a.calib_batches)]
     if a.sensitivity:
         importance = fisher_information(model, batches, names)
     if a.bpw is not None and a.alloc == "loss":
@@ -457,36 +448,31 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
     bits = allocate_bits(shapes, rise, a.bpw, a.group_size) if rise else dict.fromkeys(names, a.bits)
     t = time.time()
     report = palettize_model(model, bits, a.group_size, importance, progress=True, plain=a.kmeans == "plain")
-    if device.startswith("cuda"):
+    if a.device.startswith("cuda"):
         torch.cuda.synchronize()
-    t_pal, bpb_pal = time.time() - t, val_bpb()
-    model_bytes, float_bytes = stored_bytes(stored_tensors(model)), 2 * count_params(model.config)["params"]
+    t_pal, bpb_pal = time.time() - t, val_bpb(model, val, a)
     out = {
-        "ckpt": a.ckpt, "config": model.config.name, "data": a.data, "seq_len": seq_len,
+        "ckpt": a.ckpt, "config": model.config.name, "data": a.data, "seq_len": a.seq_len,
         "group_size": a.group_size, "target_bpw": a.bpw, "uniform_bits": a.bits, "sensitivity": a.sensitivity,
         "alloc": a.alloc if a.bpw is not None else None, "kmeans": a.kmeans, "calib_batches": a.calib_batches,
         "calib_batch_size": a.calib_batch_size, "eval_windows": a.eval_windows,
         "bits_per_weight": bits_per_weight(shapes, bits, a.group_size), "embedding_bits": 8,
-        "model_bytes": model_bytes, "float_bytes": float_bytes,
+        "model_bytes": stored_bytes(stored_tensors(model)),
+        "float_bytes": 2 * count_params(model.config)["params"],
         "layers": [dict(r, **({"cost_2bit": rise[r["name"]]} if rise else {})) for r in report],
         "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal,
-        "val_bpb_rise": (bpb_pal - bpb_float) / bpb_float,
-        "palettize_seconds": t_pal, "device": device, "seconds": time.time() - t_start,
+        "val_bpb_rise": (bpb_pal - bpb_float) / bpb_float, "palettize_seconds": t_pal, "device": a.device,
+        "seconds": time.time() - t_start,
     }
-    width = max(map(len, names))
-    print(f"{'layer':<{width}}  bits  {'mse':>10}  {'rel_mse':>8}" + f"  2-bit cost ({a.alloc})" * bool(rise))
-    for r in out["layers"]:
-        print(f"{r['name']:<{width}}  {r['bits']:>4}  {r['mse']:>10.3e}  {r['rel_mse']:>8.4f}"
-              + (f"  {r['cost_2bit']:+.3e}" if rise else ""))
-    print(f"bits per weight {out['bits_per_weight']:.3f} ({list(bits.values()).count(2)} of {len(bits)} "
-          f"layers 2-bit), embedding 8-bit; {model_bytes:,} bytes, fp16 {float_bytes:,} "
-          f"({float_bytes / model_bytes:.2f}x)")
-    print(f"val bpb: float {bpb_float:.4f} -> palettized {bpb_pal:.4f} ({out['val_bpb_rise']:+.2%}); "
-          f"k-means {t_pal:.1f} s")
+    for r in out["layers"]:                                         # name, bits, mse, rel_mse (, cost_2bit)
+        print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     path = os.path.join(a.out_dir, "palettized.pt")
     save_palettized(path, model.cpu(), report=out, tokenizer=ckpt.get("tokenizer"))
     save_json(os.path.join(a.out_dir, "palettize.json"), out)
-    print(f"wrote {path} and palettize.json in {out['seconds']:.1f} s")
+    print(f"bits per weight {out['bits_per_weight']:.3f} ({list(bits.values()).count(2)} of {len(bits)} "
+          f"layers 2-bit), embedding 8-bit: {out['model_bytes']:,} bytes (fp16: {out['float_bytes']:,}); val "
+          f"bpb {bpb_float:.4f} -> {bpb_pal:.4f} ({out['val_bpb_rise']:+.2%}); k-means {t_pal:.1f} s; wrote "
+          f"{path} and palettize.json in {out['seconds']:.1f} s")
     return out
 
 
