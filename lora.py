@@ -42,8 +42,7 @@ from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palet
 
 
 class AdapterError(Exception):
-    """An adapter that does not fit the model it is loaded onto, or a bad adapter request (one-line message).
-    """
+    """An adapter that does not fit the model it is loaded onto, or a bad adapter request (one line)."""
 
 
 # ----------------------------------------------------------------------------------------------------------

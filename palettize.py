@@ -1,6 +1,6 @@
 """
 palettize.py -- every projection weight becomes a lookup table per 16 output channels plus a few-bit index per
-weight; 2-bit and 4-bit layers mix to about 3.7 bits per weight; the embedding goes to 8 bits.
+weight; 2- and 4-bit layers mix to 3.7 bits per weight as in AFM-on-device; the embedding goes to 8 bits.
 
 Follows section 5.1 ("Optimizations") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
 (arXiv 2407.21075). A weight (out, in) is cut into groups of 16 consecutive output channels (rows, as Core
@@ -158,12 +158,10 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
     best[0] = 0.0
     took = torch.zeros(len(names), S + 1, dtype=torch.bool)
     for i, (k, s) in enumerate(zip(names, save)):
-        cand = torch.full_like(best, math.inf)
-        cand[s:] = best[:S + 1 - s] + max(float(cost[k]), 0.0)
+        cand = torch.cat([best.new_full((s,), math.inf), best[:S + 1 - s] + max(float(cost[k]), 0.0)])
         took[i] = cand < best
         best = torch.minimum(best, cand)
-    need = (hi - target) * n / step                                   # steps to save
-    ok = (torch.arange(S + 1, dtype=torch.float64) - need).abs() <= tol * n / step
+    ok = (torch.arange(S + 1, dtype=torch.float64) - (hi - target) * n / step).abs() <= tol * n / step
     if not bool((ok & best.isfinite()).any()):
         raise PalettizeError(f"--bpw {target}: no mix of {low}- and {high}-bit layers lands within {tol}")
     s, bits = int(torch.where(ok, best, math.inf).argmin()), {}
