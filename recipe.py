@@ -13,7 +13,7 @@ Runs each step as its own process, exactly the command shown (so any step can be
 then prints the results table, built only from the JSON reports the steps wrote, and writes it to
 out/results.md. It writes nothing outside out/ unless asked: `--readme` puts the table into README.md.
 
-    python recipe.py                      # everything, about 8 minutes on 2 CPU cores
+    python recipe.py                      # everything, about 9 minutes on 2 CPU cores
     python recipe.py --from lora          # start again at a step (after an interruption, say)
     python recipe.py --table-only         # only rebuild the table from out/*.json
 """
