@@ -30,7 +30,8 @@ import torch
 
 import palettize
 import train
-from model import CONFIGS, Transformer, load_model, save_json
+from model import CONFIGS, Transformer
+from plumbing import load_model, save_json
 
 
 def coremltools_palettize(w16: torch.Tensor, nbits: int = 4, group_size: int = 16):

@@ -30,7 +30,8 @@ from tqdm import tqdm
 
 from data import tokenizer_from_checkpoint
 from lora import AdapterError, adapters, load_adapter, remove_adapters
-from model import Attention, Block, CheckpointError, FeedForward, RMSNorm, Transformer, load_model, save_json
+from model import Attention, Block, FeedForward, RMSNorm, Transformer
+from plumbing import CheckpointError, load_model, save_json
 from palettize import load_palettized, projection_names
 from verify_ane import mil_name, package_report, quiet, read_package
 

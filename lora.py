@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DataError, get_batch, load_splits, tokenizer_from_checkpoint
-from model import CheckpointError, init_distributed, load_checkpoint, load_model, save_checkpoint, save_json
+from plumbing import (CheckpointError, init_distributed, load_checkpoint, load_model, save_checkpoint,
+                      save_json)
 from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palettized, val_bpb
 
 

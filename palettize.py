@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import DataError, evaluate, get_batch, load_splits, tokenizer_from_checkpoint
-from model import (CheckpointError, Transformer, config_from_dict, count_params, init_distributed,
-                   load_checkpoint, load_model, save_checkpoint, save_json)
+from model import Transformer, count_params
+from plumbing import (CheckpointError, config_from_dict, init_distributed, load_checkpoint, load_model,
+                      save_checkpoint, save_json)
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BITS = (1, 2, 3, 4, 6, 8)          # what Core ML's constexpr_lut_to_dense stores (uint1 ... uint8)

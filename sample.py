@@ -17,7 +17,7 @@ import torch
 
 from data import DataError, decode, encode, load_text, tokenizer_from_checkpoint
 from lora import AdapterError, load_adapter
-from model import CheckpointError, load_checkpoint, load_model
+from plumbing import CheckpointError, load_checkpoint, load_model
 from palettize import load_palettized
 
 

@@ -35,8 +35,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from data import DataError, decode, evaluate, get_batch, load_splits
-from model import (CONFIGS, CheckpointError, Transformer, config_from_dict, count_params, flops_per_token,
-                   get_config, init_distributed, load_checkpoint, load_model, save_json, save_model)
+from model import CONFIGS, Transformer, count_params, flops_per_token, get_config
+from plumbing import (CheckpointError, config_from_dict, init_distributed, load_checkpoint, load_model,
+                      save_json, save_model)
 
 H200_BF16_PEAK = 989e12   # dense bf16 FLOP/s of one H200 (the H100 SXM's tensor cores), for MFU
 

@@ -16,7 +16,8 @@ import export_ane as E
 import lora
 import palettize
 import verify_ane as V
-from model import ModelConfig, Transformer, save_model
+from model import ModelConfig, Transformer
+from plumbing import save_model
 
 # dims multiples of 16 (LUT groups of 16 rows); two layers so that the export takes seconds
 MICRO = ModelConfig(name="micro", vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,

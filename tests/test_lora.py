@@ -23,7 +23,8 @@ from lora import (
     train_adapters,
 )
 from data import encode
-from model import CheckpointError, ModelConfig, Transformer, load_model, save_model
+from model import ModelConfig, Transformer
+from plumbing import CheckpointError, load_model, save_model
 from palettize import PROJECTIONS, PalettizedLinear, load_palettized, palettize_model, save_palettized
 
 MICRO = ModelConfig(

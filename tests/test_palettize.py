@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import palettize as P
-from model import ModelConfig, Transformer, save_model
+from model import ModelConfig, Transformer
+from plumbing import save_model
 
 MICRO = ModelConfig(
     name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=64

@@ -12,7 +12,8 @@ import torch
 import bpe
 import data
 import pretrained
-from model import ModelConfig, Transformer, apply_rope, load_model, rope_tables
+from model import ModelConfig, Transformer, apply_rope, rope_tables
+from plumbing import load_model
 
 # ----------------------------------------------------------------------------------------------------------
 # A small GGUF writer, written from the format description (not from pretrained.py)

@@ -5,7 +5,8 @@ import torch
 
 import sample
 from lora import add_adapters, save_adapter
-from model import ModelConfig, Transformer, save_model
+from model import ModelConfig, Transformer
+from plumbing import save_model
 from palettize import palettize_model, save_palettized
 
 MICRO = ModelConfig(

@@ -9,8 +9,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")))
 # a file may import only the files before it: the order of the recipe, then the tools around it
-ORDER = ["bpe", "data", "model", "train", "palettize", "lora", "verify_ane", "export_ane", "pretrained",
-         "sample", "recipe", "bench"]
+ORDER = ["bpe", "data", "model", "plumbing", "train", "palettize", "lora", "verify_ane", "export_ane",
+         "pretrained", "sample", "recipe", "bench"]
 
 
 def tree(path):

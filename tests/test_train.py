@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 import train
 from data import load_splits
-from model import CONFIGS, Transformer, load_model, save_model
+from model import CONFIGS, Transformer
+from plumbing import load_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--batch-size", "4", "--seq-len", "32", "--warmup", "2", "--lr", "3e-3", "--device", "cpu"]
