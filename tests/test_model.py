@@ -183,10 +183,3 @@ def test_afm_on_device_parameter_counts():
     assert n["embedding_params"] == 49_152 * 3072 == 150_994_944
     assert abs(n["non_embedding_params"] - 2.58e9) / 2.58e9 < 0.02
     assert n["params"] == n["non_embedding_params"] + n["embedding_params"]
-
-
-def _assert_one_line_naming(err, path):
-    msg = str(err.value)
-    assert path in msg and "\n" not in msg
-
-

@@ -7,6 +7,11 @@ from plumbing import CheckpointError, load_checkpoint, load_model, save_checkpoi
 from test_model import SMALL, make
 
 
+def _assert_one_line_naming(err, path):
+    msg = str(err.value)
+    assert path in msg and "\n" not in msg
+
+
 def test_checkpoint_round_trip(tmp_path):
     m = make(SMALL, seed=5)
     path = str(tmp_path / "ckpt.pt")
