@@ -303,24 +303,14 @@ def workdir(tmp_path_factory):
     return d
 
 
+def script_flags(workdir, eval_windows="32"):
+    """The flags every script run here shares: the micro corpus, short sequences, small batches, the CPU."""
+    return ["--data", str(workdir / "corpus.txt"), "--seq-len", "32", "--batch-size", "8",
+            "--eval-windows", eval_windows, "--device", "cpu"]
+
+
 def run(workdir, *extra):
-    lora.main(
-        [
-            "--out-dir",
-            str(workdir),
-            "--data",
-            str(workdir / "corpus.txt"),
-            "--seq-len",
-            "32",
-            "--batch-size",
-            "8",
-            "--eval-windows",
-            "32",
-            "--device",
-            "cpu",
-            *extra,
-        ]
-    )
+    lora.main(["--out-dir", str(workdir), *script_flags(workdir), *extra])
 
 
 def test_recovery_run_lowers_validation_loss(workdir):
@@ -499,29 +489,9 @@ def test_recovery_under_torchrun_matches_one_process(workdir, tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    flags = [
-        "--base",
-        str(workdir / "palettized.pt"),
-        "--teacher",
-        str(workdir / "ckpt.pt"),
-        "--data",
-        str(workdir / "corpus.txt"),
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "8",
-        "--eval-windows",
-        "16",
-        "--device",
-        "cpu",
-        "--iters",
-        "5",
-        "--lr",
-        "1e-2",
-        "--rank",
-        "4",
-        "--no-control",
-    ]
+    flags = ["--base", str(workdir / "palettized.pt"), "--teacher", str(workdir / "ckpt.pt"),
+             *script_flags(workdir, eval_windows="16"), "--iters", "5", "--lr", "1e-2", "--rank", "4",
+             "--no-control"]
     lora.main(["--out-dir", str(tmp_path / "one"), *flags])
     p = subprocess.run(
         [
