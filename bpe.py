@@ -86,7 +86,11 @@ def main(argv=None):
     ap.add_argument("text", help="the text to tokenize")
     a = ap.parse_args(argv)
     import torch
-    tok = BPETokenizer(**torch.load(a.ckpt, map_location="cpu", weights_only=True, mmap=True)["tokenizer"])
+    try:
+        ckpt = torch.load(a.ckpt, map_location="cpu", weights_only=True, mmap=True)
+        tok = BPETokenizer(**ckpt["tokenizer"])
+    except (OSError, RuntimeError, KeyError, TypeError):
+        raise SystemExit(f"error: {a.ckpt}: not a checkpoint with a BPE tokenizer (pretrained.py writes one)")
     ids = tok.encode(a.text)
     print(ids)
     print([tok.decode([i]) for i in ids])

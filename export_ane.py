@@ -2,14 +2,15 @@
 export_ane.py -- Core ML export for the Apple Neural Engine: palettize.py's lookup tables bit for bit, a
 stateful KV cache and a pair of functions per LoRA adapter, in one multifunction .mlpackage (iOS18, fp16).
 
-Follows section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075): palettized weights, an 8-bit
-embedding, adapters swapped at run time on one frozen base; the layout follows Apple's "Deploying Transformers
-on the Apple Neural Engine" (2022), each principle named where applied. Functions: prefill(tokens (1, P) int32
-zero-padded, length (1,)) and decode(token (1, 1), pos (1,)) -> logits (1, 1, V); prefill_<name> and
-decode_<name> with adapter <name>; states k_cache, v_cache (layers, kv*hd, 1, context). verify_ane.py checks.
+Follows section 5 of Gunter et al. 2024 (arXiv 2407.21075), its on-device optimization: palettized weights, an
+8-bit embedding, adapters swapped at run time on one frozen base; the layout follows Apple's "Deploying
+Transformers on the Apple Neural Engine" (2022), each principle named where applied. Functions: prefill(tokens
+(1, P) int32 zero-padded, length (1,)) and decode(token (1, 1), pos (1,)) -> logits (1, 1, V); prefill_<name>
+and decode_<name> with adapter <name>; states k_cache, v_cache (layers, kv*hd, 1, context). verify_ane.py
+checks.
 
 Run:  python export_ane.py                      # out/palettized.pt + out/adapter_*.pt -> out/afm.mlpackage
-      python export_ane.py --ckpt out/ckpt.pt   # a float checkpoint: a plain fp16 export
+      python export_ane.py --ckpt out/ckpt.pt --adapters   # a float checkpoint: a plain fp16 export
 """
 import argparse
 import glob

@@ -4,9 +4,9 @@ start from them.
 
 Follows section 5 of Gunter et al. 2024, "Apple Intelligence Foundation Language Models" (arXiv 2407.21075):
 rank-16 LoRA adapters with 16-bit values on every projection of attention (q, k, v, o) and of the feed-forward
-layer (gate, up, down); the base stays frozen and adapters are swapped at run time on it (5.1). After
+layer (gate, up, down); the base stays frozen and adapters are swapped at run time on it. After
 palettization (palettize.py) an accuracy-recovery adapter repairs the frozen quantized model, and feature
-adapters start from it instead of from zero (5.2).
+adapters start from it instead of from zero.
 
 Read in this order: `LoRALinear` (the math), `add_adapters`, the adapter file (`save_adapter` /
 `load_adapter`, bound to its base by a fingerprint), `train_adapters`, then the command line. Recovery
@@ -56,7 +56,7 @@ class LoRALinear(nn.Module):
 
     `base` is nn.Linear or PalettizedLinear, left untouched. A starts Kaiming-uniform (as nn.Linear's weight)
     and B at zero, so a fresh adapter changes nothing. alpha / r is the LoRA paper's scaling: the rank at a
-    fixed alpha keeps the update's size; the default alpha = 2 r is a scale of 2."""
+    fixed alpha keeps the update's size; alpha = 2 r (the command line's default) is a scale of 2."""
 
     def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0):
         super().__init__()
@@ -306,7 +306,8 @@ def main(argv=None):
         a.lr, a.iters = a.lr or (2e-3 if recovery else 1e-3), a.iters or (300 if recovery else 100)
         float_base = a.eval and load_checkpoint(a.base, kind=None)["kind"] == "model"
         base, ckpt = load_model(a.base) if float_base else load_palettized(a.base)
-        a.base_data = (ckpt.get("report") or {}).get("data") or "bible"     # the corpus the base learned
+        run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
+        a.base_data = run.get("data") or "bible"     # the corpus the base learned
         a.data = a.data or (a.base_data if recovery or a.eval else a.task)
         a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len
         if a.seq_len > base.config.max_seq_len:

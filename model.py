@@ -241,7 +241,7 @@ def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator
     if temperature <= 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
+    if top_k is not None and 0 < top_k < logits.shape[-1]:                     # top_k <= 0: off
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)

