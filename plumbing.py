@@ -12,6 +12,7 @@ train.py and lora.py start here as one process per GPU (or CPU process).
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
@@ -117,4 +118,5 @@ def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(torch.distributed.destroy_process_group)   # on every way out, on every rank
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device

@@ -350,8 +350,6 @@ def main(argv=None) -> dict:
         print(f"val loss {r['loss']:.4f} nats/token, val bpb {r['bpb']:.4f}; {tok_s:,.0f} tokens/s"
               + (f", MFU {mfu:.1%}" if mfu is not None else "") + f"; {report['seconds']:.0f} s\n"
               f"sample: {text!r}\nwrote {args.out_dir}/ckpt.pt and train.json")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return report if leader else {}
 
 

@@ -1,6 +1,5 @@
 """bpe.py: the byte-level BPE tokenizer (round trips, merge order, specials, the real SmolLM2 one)."""
 import importlib.util
-import math
 import os
 import random
 
@@ -9,7 +8,6 @@ import torch
 
 import bpe
 import data
-from model import ModelConfig, Transformer
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["b c", "a b", "ab c", "ab ab", "Ġ a", "a a"]   # rank = position

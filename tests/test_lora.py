@@ -22,10 +22,9 @@ from lora import (
     save_adapter,
     train_adapters,
 )
-from data import encode
 from model import ModelConfig, Transformer
 from plumbing import CheckpointError, load_model, save_model
-from palettize import PROJECTIONS, PalettizedLinear, load_palettized, palettize_model, save_palettized
+from palettize import PROJECTIONS, load_palettized, palettize_model, save_palettized
 
 MICRO = ModelConfig(
     name="micro", dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=128, max_seq_len=32

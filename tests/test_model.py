@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model import CONFIGS, ModelConfig, Transformer, apply_rope, count_params, rope_tables
 

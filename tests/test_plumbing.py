@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from model import ModelConfig, Transformer
 from plumbing import CheckpointError, load_checkpoint, load_model, save_checkpoint, save_model
 from test_model import SMALL, make
 
