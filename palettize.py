@@ -8,22 +8,13 @@ ML's per-grouped-channel tables group them); each group gets a lookup table (LUT
 chosen by k-means over its weights, and every weight is stored as the index of its nearest entry. The
 embedding (shared with the output head) gets 8 bits per channel; the norm gains stay float.
 
-Read in this order:
-  1. `kmeans`, then `palettize_weight(..., plain=True)`: k-means for one group, then a LUT per group.
-  2. `allocate_bits`: which layers go to 2 bits, at the least estimated cost in loss.
-  3. `quantize_embedding`: the 8-bit embedding.
-  4. `fisher_information`: weighting the k-means by how much each weight matters to the loss.
-  5. `palettize_model`, `PalettizedLinear`, `save_palettized` / `load_palettized`: a model and its file.
-  6. the command line.
-  Appendix, the fast path (the default): the same k-means, on fp16 histograms, for all groups of many layers
-  at once (`palettize_weights`); the 2.6B weights of afm-on-device take half a second on one GPU.
+Sections 1-6 are the plain version, in reading order. The appendix is the fast path (the default): the same
+k-means on fp16 histograms, all groups of many layers at once (2.6B weights in half a second on one GPU).
 
     python palettize.py                       # out/ckpt.pt -> out/palettized.pt + palettize.json, 3.7 bpw
     python palettize.py --bits 4              # uniform 4-bit
     python palettize.py --bpw 3.5 --no-sensitivity --kmeans plain    # 3.5 bpw, unweighted, plain k-means
 """
-from __future__ import annotations
-
 import argparse
 import math
 import os
@@ -71,26 +62,17 @@ def lut_from_centres(centres: torch.Tensor) -> torch.Tensor:
     """Centres (G, K) -> fp16 LUTs (G, K), sorted and strictly increasing: a repeated value moves one fp16
     step up (down at the top of the fp16 range), so no two indices decode to the same weight."""
     lut = centres.clamp(-65504, 65504).half().sort(1).values + 0.0          # + 0.0 turns -0 into +0
-    inf = torch.full_like(lut[:, 0], math.inf)
     for j in range(1, lut.shape[1]):
-        lut[:, j] = torch.maximum(lut[:, j], torch.nextafter(lut[:, j - 1], inf))
+        lut[:, j] = torch.maximum(lut[:, j], torch.nextafter(lut[:, j - 1], lut.new_tensor(math.inf)))
     lut[:, -1] = lut[:, -1].clamp_max(65504)
     for j in reversed(range(lut.shape[1] - 1)):
-        lut[:, j] = torch.minimum(lut[:, j], torch.nextafter(lut[:, j + 1], -inf))
+        lut[:, j] = torch.minimum(lut[:, j], torch.nextafter(lut[:, j + 1], lut.new_tensor(-math.inf)))
     return lut
-
-
-def nearest_indices(w: torch.Tensor, lut: torch.Tensor, group_size: int = 16) -> torch.Tensor:
-    """uint8 indices (out, in) of each fp16 weight's nearest entry in its group's LUT (a tie goes up)."""
-    mid = (lut.double()[:, 1:] + lut.double()[:, :-1]) / 2                 # (G, K-1) decision boundaries
-    mid = mid.repeat_interleave(group_size, 0)                              # (out, K-1)
-    return (w.detach().half().double()[:, :, None] >= mid[:, None, :]).sum(2).to(torch.uint8)
 
 
 def dequantize(lut: torch.Tensor, indices: torch.Tensor, group_size: int = 16) -> torch.Tensor:
     """LUTs (G, K) and indices (out, in) -> dense float32 weight (out, in) with exactly the LUT values."""
-    rows = lut.float().repeat_interleave(group_size, 0)                     # (out, K)
-    return rows.gather(1, indices.long())
+    return lut.float().repeat_interleave(group_size, 0).gather(1, indices.long())   # (out, K) -> (out, in)
 
 
 def importance_weights(importance: torch.Tensor) -> torch.Tensor:
@@ -100,26 +82,24 @@ def importance_weights(importance: torch.Tensor) -> torch.Tensor:
 
 
 def palettize_weight(w: torch.Tensor, bits: int = 4, group_size: int = 16, importance=None, plain=False):
-    """w (out, in) -> (fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in)); rows g*group_size
-    ... (g+1)*group_size - 1 share LUT g. `importance` (like w, >= 0) weights the k-means. plain=True runs
-    `kmeans` group by group; the default is the fast path (appendix), whose error is never higher."""
+    """w (out, in) -> (fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in)), a LUT per group_size
+    rows; `importance` (like w, >= 0) weights the k-means: `kmeans` per group if plain, else the fast path."""
     if not plain:
-        return palettize_weights([w], bits, group_size, None if importance is None else [importance])[0]
+        return palettize_weights([w], bits, group_size, [importance])[0]
     _check_weight(w, bits, group_size, "weight", importance)
     G = w.shape[0] // group_size
     x = w.detach().half().reshape(G, -1)                            # the LUT is fp16: cluster fp16 values
-    imp = None if importance is None else importance_weights(importance.reshape(G, -1))
-    centres = torch.stack([kmeans(x[g], 2 ** bits, None if imp is None else imp[g]) for g in range(G)])
-    lut = lut_from_centres(centres)
-    return lut, nearest_indices(w, lut, group_size)
+    imp = [None] * G if importance is None else importance_weights(importance.reshape(G, -1))
+    lut = lut_from_centres(torch.stack([kmeans(x[g], 2 ** bits, imp[g]) for g in range(G)]))
+    # each weight's index: the number of midpoints between entries at or below it (its nearest; a tie goes up)
+    mid = ((lut.double()[:, 1:] + lut.double()[:, :-1]) / 2).repeat_interleave(group_size, 0)   # (out, K-1)
+    return lut, (x.double().view(w.shape)[:, :, None] >= mid[:, None, :]).sum(2).to(torch.uint8)
 
 
-def _check_weight(w: torch.Tensor, bits: int, group_size: int, name: str = "weight", importance=None):
+def _check_weight(w: torch.Tensor, bits: int, group_size: int, name: str, importance=None):
     shape = tuple(w.shape)
     if bits not in BITS:
         raise PalettizeError(f"{name}: unsupported bits {bits} (choose from {', '.join(map(str, BITS))})")
-    if w.dim() != 2:
-        raise PalettizeError(f"{name}: expected a 2-D weight, got shape {shape}")
     if group_size < 1 or shape[0] % group_size:
         raise PalettizeError(f"{name}: {shape[0]} output channels (shape {shape}) are not divisible by the "
                              f"group size {group_size}")
@@ -155,8 +135,7 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
     save = [round(((high - low) * o * i + 16 * (o // group_size) * (2 ** high - 2 ** low)) / step)
             for o, i in shapes.values()]                              # the bits each layer saves at low
     S = sum(save)
-    best = torch.full((S + 1,), math.inf, dtype=torch.float64)       # best[s]: least cost of saving s steps
-    best[0] = 0.0
+    best = torch.tensor([0.0] + [math.inf] * S, dtype=torch.float64)   # best[s]: least cost of saving s steps
     took = torch.zeros(len(names), S + 1, dtype=torch.bool)
     for i, (k, s) in enumerate(zip(names, save)):
         cand = torch.cat([best.new_full((s,), math.inf), best[:S + 1 - s] + max(float(cost[k]), 0.0)])
@@ -179,8 +158,7 @@ def quantize_embedding(w: torch.Tensor):
     """Symmetric 8-bit quantization per row: w ~= q * scale, q int8 in [-127, 127], scale fp16 (V, 1)."""
     amax = w.detach().float().abs().amax(1, keepdim=True)
     scale = torch.where(amax > 0, amax / 127, 1.0).half().clamp_min(2 ** -24)     # no fp16 underflow to 0
-    q = (w.detach().float() / scale.float()).round().clamp(-127, 127).to(torch.int8)
-    return q, scale
+    return (w.detach().float() / scale.float()).round().clamp(-127, 127).to(torch.int8), scale
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,8 +166,7 @@ def quantize_embedding(w: torch.Tensor):
 
 def calibration_loss(model: nn.Module, batches) -> torch.Tensor:
     """Mean next-token cross entropy over the batches (a tensor, so that it can be differentiated)."""
-    losses = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()) for x, y in batches]
-    return sum(losses) / len(batches)
+    return sum(F.cross_entropy(model(x).float().flatten(0, 1), y.ravel()) for x, y in batches) / len(batches)
 
 
 def fisher_information(model: nn.Module, batches, names) -> dict:
@@ -206,19 +183,16 @@ def fisher_information(model: nn.Module, batches, names) -> dict:
     return fisher
 
 
-def fisher_score(model: nn.Module, names, fisher: dict, bits: int, group_size: int, weighted: bool) -> dict:
-    """{name: 1/2 sum F (w_hat - w)^2}: the estimated loss rise when that layer alone goes to `bits`."""
-    ws = [model.get_submodule(n).weight for n in names]
-    res = palettize_weights(ws, bits, group_size, [fisher[n] for n in names] if weighted else None, names)
-    return {n: 0.5 * (fisher[n] * (dequantize(lut, idx, group_size) - w.float()) ** 2).sum().item()
-            for n, w, (lut, idx) in zip(names, ws, res)}
-
-
 @torch.no_grad()
-def loss_rise(model: nn.Module, names, batches, bits: int, group_size: int, importance: dict | None) -> dict:
-    """{name: measured rise of the calibration loss when that layer alone is palettized to `bits`}."""
+def loss_rise(model: nn.Module, names, bits: int, group_size: int, importance: dict | None, fisher=None,
+              batches=None) -> dict:
+    """{name: the rise of the loss when that layer alone is palettized to `bits`}: with `fisher` the estimate
+    1/2 sum F (w_hat - w)^2 from the Fisher information F, else measured on the calibration `batches`."""
     ws = [model.get_submodule(n).weight for n in names]
     res = palettize_weights(ws, bits, group_size, importance and [importance[n] for n in names], names)
+    if fisher is not None:
+        return {n: 0.5 * (fisher[n] * (dequantize(lut, idx, group_size) - w.float()) ** 2).sum().item()
+                for n, w, (lut, idx) in zip(names, ws, res)}
     base, rise = calibration_loss(model, batches).item(), {}
     for n, w, (lut, idx) in tqdm(list(zip(names, ws, res)), desc=f"loss rise at {bits} bits", unit="layer"):
         keep, w.data = w.data, dequantize(lut, idx, group_size).to(w.dtype)
@@ -270,20 +244,16 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     """Palettize every float projection in place (bits: int or {layer: bits}; importance: {layer: tensor like
     the weight}) after checking all, and the embedding to 8 bits. Returns [{name, bits, mse, rel_mse}]."""
     importance = importance or {}
-    layers = {n: model.get_submodule(n) for n in projection_names(model)}
-    layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}           # not yet palettized
+    layers = {n: m for n in projection_names(model) if isinstance(m := model.get_submodule(n), nn.Linear)}
     bits_of = {n: bits if isinstance(bits, int) else bits.get(n) for n in layers}
-    for n, m in layers.items():
-        if bits_of[n] is None:
-            raise PalettizeError(f"{n}: no bits given for this layer")
+    for n, m in layers.items():                             # a layer missing from bits: unsupported bits None
         _check_weight(m.weight, bits_of[n], group_size, n, importance.get(n))
     report, bar = {}, tqdm(total=len(layers), desc="palettize", unit="layer", disable=not progress)
     for b in sorted(set(bits_of.values())):        # layers of equal bits go through one fast k-means together
         part = [n for n in layers if bits_of[n] == b]
-        ws = [layers[n].weight for n in part]
-        imps = [importance.get(n, torch.ones_like(w)) for n, w in zip(part, ws)] if importance else None
-        res = [palettize_weight(w, b, group_size, imps and imps[i], plain=True) for i, w in enumerate(ws)] \
-            if plain else palettize_weights(ws, b, group_size, imps, names=part, progress=bar.update)
+        ws, imps = [layers[n].weight for n in part], [importance.get(n) for n in part]
+        res = [palettize_weight(w, b, group_size, imp, plain=True) for w, imp in zip(ws, imps)] if plain \
+            else palettize_weights(ws, b, group_size, imps, part, progress=bar.update)
         bar.update(len(part) if plain else 0)                     # (the fast path reports its own progress)
         for n, w, (lut, idx) in zip(part, ws, res):
             err = (dequantize(lut, idx, group_size) - w.float()).pow(2).mean().item()
@@ -305,24 +275,20 @@ def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     """The inverse of pack_bits: uint8 indices of `shape`."""
-    n = math.prod(shape)
     bitstream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).view(-1)
-    b = bitstream[:n * bits].view(n, bits)
+    b = bitstream[:math.prod(shape) * bits].view(-1, bits)
     return (b << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8).view(shape)
 
 
 def stored_tensors(model: nn.Module) -> dict:
     """What a palettized checkpoint stores: {"layers": {name: {bits, group_size, shape, lut, indices}},
     "embedding": {"q", "scale"}, "float": {name: fp16 tensor} (the norm gains)}."""
-    layers, covered = {}, {"tok_emb.weight", "tok_emb.weight_int8", "tok_emb.weight_scale"}
+    layers, covered, e = {}, {"tok_emb.weight", "tok_emb.weight_int8", "tok_emb.weight_scale"}, model.tok_emb
     for n in projection_names(model):
-        if not isinstance(m := model.get_submodule(n), PalettizedLinear):
-            raise PalettizeError(f"{n}: not palettized (run palettize_model first)")
+        m = model.get_submodule(n)                      # a PalettizedLinear (a float one has no .bits: fails)
         layers[n] = {"bits": m.bits, "group_size": m.group_size, "shape": list(m.indices.shape),
                      "lut": m.lut.cpu().half(), "indices": pack_bits(m.indices.cpu(), m.bits)}
         covered |= {f"{n}.lut", f"{n}.indices"}
-    if not hasattr(e := model.tok_emb, "weight_int8"):
-        raise PalettizeError("tok_emb: embedding not quantized (run palettize_model first)")
     floats = {k: v.detach().cpu().half() for k, v in model.state_dict().items() if k not in covered}
     return {"layers": layers, "embedding": {"q": e.weight_int8.detach().cpu(),
                                             "scale": e.weight_scale.detach().cpu()}, "float": floats}
@@ -350,13 +316,11 @@ def load_palettized(path: str, map_location="cpu"):
                 raise ValueError(f"{n} has shape {L['shape']}, the config says another")
             idx = unpack_bits(L["indices"], L["bits"], L["shape"])
             model.set_submodule(n, PalettizedLinear(L["lut"], idx, L["bits"], L["group_size"]))
-        if missing := [n for n in projection_names(model) if n not in ckpt["layers"]]:
-            raise ValueError(f"no palettized weight for {missing[0]}")
         set_embedding(model, ckpt["embedding"]["q"], ckpt["embedding"]["scale"])
         bad = model.load_state_dict({k: v.float() for k, v in ckpt["float"].items()}, strict=False)
         lost = [k for k in bad.missing_keys            # the LUTs, indices and embedding came in above
                 if not k.endswith((".lut", ".indices")) and not k.startswith("tok_emb.")]
-        if lost or bad.unexpected_keys:
+        if lost or bad.unexpected_keys:               # (a projection missing from the file: its .weight)
             raise ValueError(f"float tensors do not match the config ({(lost + bad.unexpected_keys)[0]})")
     except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid palettized checkpoint ({str(e).splitlines()[0]})") \
@@ -428,41 +392,34 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
         allocate_bits(shapes, dict.fromkeys(shapes, 0.0), a.bpw, a.group_size)        # reachable at all?
     a.tokenizer = tokenizer_from_checkpoint(ckpt)                                 # None: byte-level tokens
     train, val = load_splits(a.data, a.seq_len, a.tokenizer)
-    names, model, importance, rise = list(shapes), model.to(a.device).eval(), None, None
+    names, model, rise = list(shapes), model.to(a.device).eval(), None
     bpb_float = val_bpb(model, val, a)
     print(f"{a.ckpt}: {model.config.name}, {len(names)} projections, {sum(map(math.prod, shapes.values())):,}"
           f" weights; data {a.data}, seq_len {a.seq_len}; val bpb {bpb_float:.4f}")
-    if a.sensitivity or a.bpw is not None:                       # seeded calibration batches of training text
-        g = torch.Generator().manual_seed(a.seed)
-        batches = [get_batch(train, a.calib_batch_size, a.seq_len, g, a.device)
-                   for _ in range(a.calib_batches)]
-    if a.sensitivity:
-        importance = fisher_information(model, batches, names)
+    g = torch.Generator().manual_seed(a.seed)                    # seeded calibration batches of training text
+    batches = [get_batch(train, a.calib_batch_size, a.seq_len, g, a.device) for _ in range(a.calib_batches)]
+    importance = fisher_information(model, batches, names) if a.sensitivity else None
     if a.bpw is not None and a.alloc == "loss":
-        rise = loss_rise(model, names, batches, 2, a.group_size, importance)
-    elif a.bpw is not None:
+        rise = loss_rise(model, names, 2, a.group_size, importance, batches=batches)
+    elif a.bpw is not None:                                         # the estimated rise from 4 to 2 bits
         fisher = importance if importance is not None else fisher_information(model, batches, names)
-        s2, s4 = (fisher_score(model, names, fisher, b, a.group_size, a.sensitivity) for b in (2, 4))
+        s2, s4 = (loss_rise(model, names, b, a.group_size, importance, fisher) for b in (2, 4))
         rise = {n: s2[n] - s4[n] for n in names}
     bits = allocate_bits(shapes, rise, a.bpw, a.group_size) if rise else dict.fromkeys(names, a.bits)
     t = time.time()
     report = palettize_model(model, bits, a.group_size, importance, progress=True, plain=a.kmeans == "plain")
-    if a.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t_pal, bpb_pal = time.time() - t, val_bpb(model, val, a)
-    out = {
-        "ckpt": a.ckpt, "config": model.config.name, "data": a.data, "seq_len": a.seq_len,
-        "group_size": a.group_size, "target_bpw": a.bpw, "uniform_bits": a.bits, "sensitivity": a.sensitivity,
-        "alloc": a.alloc if a.bpw is not None else None, "kmeans": a.kmeans, "calib_batches": a.calib_batches,
-        "calib_batch_size": a.calib_batch_size, "eval_windows": a.eval_windows,
-        "bits_per_weight": bits_per_weight(shapes, bits, a.group_size), "embedding_bits": 8,
-        "model_bytes": stored_bytes(stored_tensors(model)),
-        "float_bytes": 2 * count_params(model.config)["params"],
-        "layers": [dict(r, **({"cost_2bit": rise[r["name"]]} if rise else {})) for r in report],
-        "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal,
-        "val_bpb_rise": (bpb_pal - bpb_float) / bpb_float, "palettize_seconds": t_pal, "device": a.device,
-        "seconds": time.time() - t_start,
-    }
+    t_pal, bpb_pal = time.time() - t, val_bpb(model, val, a)      # (its per-layer .item() waited for the GPU)
+    out = {"ckpt": a.ckpt, "config": model.config.name, "data": a.data, "seq_len": a.seq_len,
+           "group_size": a.group_size, "target_bpw": a.bpw, "uniform_bits": a.bits,
+           "sensitivity": a.sensitivity, "alloc": a.alloc if a.bpw is not None else None, "kmeans": a.kmeans,
+           "calib_batches": a.calib_batches, "calib_batch_size": a.calib_batch_size,
+           "eval_windows": a.eval_windows, "bits_per_weight": bits_per_weight(shapes, bits, a.group_size),
+           "embedding_bits": 8, "model_bytes": stored_bytes(stored_tensors(model)),
+           "float_bytes": 2 * count_params(model.config)["params"],
+           "layers": [dict(r, **({"cost_2bit": rise[r["name"]]} if rise else {})) for r in report],
+           "val_bpb_float": bpb_float, "val_bpb_palettized": bpb_pal,
+           "val_bpb_rise": (bpb_pal - bpb_float) / bpb_float, "palettize_seconds": t_pal, "device": a.device,
+           "seconds": time.time() - t_start}
     for r in out["layers"]:                                         # name, bits, mse, rel_mse (, cost_2bit)
         print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
     path = os.path.join(a.out_dir, "palettized.pt")
@@ -478,22 +435,17 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
 # ==========================================================================================================
 # Appendix: the fast path -- the same k-means, solved exactly in 1-D, for every group of many layers at once
 #
-# Why it gives the same answer faster. The LUT is fp16, so every weight is first rounded to fp16, and an fp16
-# tensor holds at most 65,536 distinct values. Reading the 16 bits as an integer and flipping the magnitude
-# bits of negative numbers gives a key whose integer order is the order of the values (`fp16_keys`); one
-# `index_add_` turns a whole weight matrix into one histogram per group over the keys it spans. k-means on the
-# histogram is k-means on the weights (each value counted as often as it occurs). In 1-D every clustering
-# k-means can end in is a set of runs of consecutive sorted values, so it is k - 1 boundaries, and with prefix
-# sums of count, count * value and count * value^2 any run's mean and squared error cost two lookups: a Lloyd
-# step (boundaries at the midpoints of the centres, centres at the means of the runs) costs O(k log R) per
-# group instead of O(k n), for all groups of many layers at once. Each group runs plain `kmeans` itself this
-# way (its start, its steps), and a second, over-relaxed Lloyd from a start that reaches the tails (half the
-# centres at quantiles, half evenly spaced between the smallest and largest value). Lloyd stops at a local
-# optimum; a large-neighbourhood search solved exactly by dynamic programming over the boundaries
-# (`_band_refine`) then moves all boundaries jointly and never raises the error. Each group keeps the best, so
-# the result is never worse than plain `kmeans` (unweighted by construction; weighted, the start is the
-# weighted quantiles: tests/test_palettize.py holds both to it) and is usually the optimum (within 1% of an
-# exact O(k n^2) DP on the small groups tested there). Indices come from one (group, key) -> index table.
+# The LUT is fp16, so every weight is first rounded to fp16, and an fp16 tensor holds at most 65,536 distinct
+# values. Reading the 16 bits as an integer and flipping the magnitude bits of negative numbers gives a key
+# whose integer order is the order of the values (`fp16_keys`); one `index_add_` turns a weight matrix into
+# one histogram per group over the keys it spans, and k-means on the histogram is k-means on the weights. In
+# 1-D a clustering k-means can end in is k runs of consecutive sorted values (k - 1 boundaries), and with
+# prefix sums of count, count * value and count * value^2 any run's mean and squared error cost two lookups: a
+# Lloyd step costs O(k log R) per group instead of O(k n). Each group runs plain `kmeans` itself this way (its
+# start, its steps) and an over-relaxed Lloyd from a start that reaches the tails; a large-neighbourhood
+# search solved exactly by dynamic programming over the boundaries (`_band_refine`) then moves all boundaries
+# jointly past Lloyd's local optimum. Each group keeps the best: never worse than plain `kmeans`, usually the
+# optimum (tests/test_palettize.py holds it to both: within 1% of an exact O(k n^2) DP).
 
 def fp16_keys(w16: torch.Tensor) -> torch.Tensor:
     """fp16 tensor -> int16 keys in the order of the values (-0 -> -1, +0 -> 0): positive numbers keep their
@@ -528,11 +480,6 @@ def _sse(n: torch.Tensor) -> torch.Tensor:
     return torch.addcdiv(n[2], n[1] * n[1], n[0].clamp_min(1e-300), value=-1.0)
 
 
-def _edges(b: torch.Tensor, R: int) -> torch.Tensor:
-    """Inner boundaries (G, k-1) -> all boundaries (G, k+1): 0, b..., R."""
-    return torch.cat([b.new_zeros(b.shape[0], 1), b, b.new_full((b.shape[0], 1), R)], 1)
-
-
 def _boundaries(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Sorted centres (G, k) -> inner boundaries (G, k-1): each value goes to its nearest centre (ties up)."""
     return torch.searchsorted(values, ((c[:, 1:] + c[:, :-1]) * 0.5).contiguous())
@@ -541,17 +488,16 @@ def _boundaries(values: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 def _means(P, values: torch.Tensor, b: torch.Tensor, old: torch.Tensor | None = None):
     """(means (G, k), total squared error (G,)) of the runs between boundaries b (G, k-1). An empty run keeps
     its `old` centre, or takes the value where it sits (either keeps the centres sorted)."""
-    e = _edges(b, values.numel())
+    e = F.pad(F.pad(b, (1, 0)), (0, 1), value=values.numel())               # (G, k+1) edges: 0, b..., R
     n = _at(P, e[:, 1:]) - _at(P, e[:, :-1])                                 # (3, G, k)
     old = values[e[:, :-1].clamp_max(values.numel() - 1)] if old is None else old
     return torch.where(n[0] > 0, n[1] / n[0].clamp_min(1e-300), old), _sse(n).sum(1)
 
 
 def _lloyd(P, values, c, max_iters: int, record, relax: bool = True):
-    """Lloyd's iteration on the histograms, until no group changes; the error never increases. Over-relaxed
-    unless relax=False: each step also tries going omega times as far (then a Lloyd step from there) and keeps
-    whichever ends with less error, doubling omega after a success (at most 16) and resetting it to 2 after a
-    failure; plain Lloyd creeps towards its fixed point in ~250 steps where this takes ~60."""
+    """Lloyd's iteration on the histograms until no group changes; the error never increases. Over-relaxed
+    unless relax=False: each step also tries omega times as far (then a Lloyd step) and keeps the lower error,
+    omega doubling on a success (to 16) and back to 2 on a failure: ~60 steps where plain Lloyd takes ~250."""
     c, obj = _means(P, values, _boundaries(values, c), c)
     omega = c.new_full((c.shape[0], 1), 2.0)
     for _ in range(max_iters):
@@ -594,8 +540,7 @@ def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, record, l
     (resolving dense regions), or its current position; the DP picks the best joint move. Then each window
     shrinks to the candidates either side of the pick, for `levels` rounds. The error never increases."""
     G, K1 = b.shape
-    e = _edges(b, P.shape[2] - 1)
-    lo, hi = e[:, :-2], e[:, 2:]                                                 # (G, k-1) windows
+    lo, hi = F.pad(b[:, :-1], (1, 0)), F.pad(b[:, 1:], (0, 1), value=P.shape[2] - 1)   # (G, k-1) windows
     u = torch.linspace(0, 1, width, dtype=torch.float64, device=b.device)
     vals = torch.cat([values, values[-1:]])                                      # value at each position 0..R
     for _ in range(levels):
@@ -615,32 +560,25 @@ def _band_refine(P, values: torch.Tensor, b: torch.Tensor, width: int, record, l
 
 
 def _starts(P, values, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two starts (G, k): half the centres at quantiles (j + 1/2) / (k/2) of the weighted histogram and the
-    rest evenly spaced between its smallest and largest occupied value, so that some reach the tails; and
-    plain `kmeans`'s own, the values at sorted positions floor((j + 1/2) n / k) (weighted, when weighted)."""
-    R, dev, total = values.numel(), values.device, P[0, :, -1:].contiguous()
+    """Two starts (G, k): half the centres at quantiles of the weighted histogram, half evenly spaced between
+    its smallest and largest occupied value (reaching the tails); and plain `kmeans`'s own k quantiles."""
+    def at(t, right=False):                     # the value where each group's cumulative count reaches t
+        return values[(torch.searchsorted(P[0], t, right=right) - 1).clamp(0, values.numel() - 1)]
+    total, j = P[0, :, -1:].contiguous(), torch.arange(k, dtype=torch.float64, device=values.device) + 0.5
     nq, nu = k - k // 2, k // 2
-    t = (torch.arange(nq, dtype=torch.float64, device=dev) + 0.5) / nq * total
-    cq = values[(torch.searchsorted(P[0], t) - 1).clamp(0, R - 1)]                  # (G, nq)
-    first = (torch.searchsorted(P[0], torch.zeros_like(total), right=True) - 1).clamp(0, R - 1)
-    lo, hi = values[first], values[(torch.searchsorted(P[0], total) - 1).clamp(0, R - 1)]   # (G, 1)
-    cu = lo + (hi - lo) * (torch.arange(nu, dtype=torch.float64, device=dev) + 0.5) / max(nu, 1)
-    t = ((torch.arange(k, dtype=torch.float64, device=dev) + 0.5) * P[0, :, -1:] / k).floor()
-    plain = values[(torch.searchsorted(P[0], t, right=True) - 1).clamp(0, R - 1)]
-    return torch.cat([cq, cu], 1).sort(1).values, plain
+    lo, hi = at(torch.zeros_like(total), right=True), at(total)                    # (G, 1)
+    cq, cu = at(j[:nq] / nq * total), lo + (hi - lo) * j[:nu] / max(nu, 1)         # (G, nq), (G, nu)
+    return torch.cat([cq, cu], 1).sort(1).values, at((j * total / k).floor(), right=True)
 
 
 def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: int = 20, max_rounds=None,
              width: int = 13, polish_iters: int = 20, levels: int = 3, tol: float = 2e-3,
              history: list | None = None) -> torch.Tensor:
-    """Sorted centres (G, k), float64: weighted 1-D k-means of G histograms at once. counts (G, R) weigh the
-    sorted `values` (R,). `history`, if a list, receives the error (G,) after every step (it never increases).
-    The better of plain Lloyd from plain `kmeans`'s start and over-relaxed Lloyd (at most `lloyd_iters` steps)
-    from a start reaching the tails, then rounds of band DP (`width` candidates of each kind, `levels` zoom
-    levels) and Lloyd (at most `polish_iters`) while a round lowers the total error by more than `tol`
+    """Sorted centres (G, k), float64: weighted 1-D k-means of G histograms, counts (G, R) over the sorted
+    `values` (R,); `history`, if a list, receives the error (G,) after every step. The better of the two
+    Lloyds, then rounds of `_band_refine` and Lloyd while a round lowers the total error by over `tol`
     (relative), at most `max_rounds` (8 for k <= 64, else 1: a round costs k sequential DP steps)."""
-    # Every tensor here is (groups, k)-sized or a gather from the prefix sums: on a CPU a thread pool only
-    # adds synchronisation (and stalls badly when other processes share the cores), so use one thread.
+    # (G, k)-sized tensors: on a CPU a thread pool only adds synchronisation (and stalls on shared cores)
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if counts.device.type == "cpu" else threads)
     try:
@@ -669,14 +607,11 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
 @torch.no_grad()
 def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None, names=None,
                       max_bins: int | None = None, progress=None, **kmeans_args) -> list:
-    """[(fp16 LUTs (out // group_size, 2**bits), uint8 indices (out, in))] for several 2-D weights at once:
-    all their groups go through one k-means per chunk of at most `max_bins` histogram bins (a GPU then sees
-    ~100 ops per chunk, not per layer). `progress`, if given, is called with the number of weights done."""
+    """[palettize_weight(w) for w in ws], all their groups through one k-means per chunk of at most `max_bins`
+    histogram bins (~100 GPU ops per chunk); `progress`, if given, gets the count of weights done."""
     importances = importances or [None] * len(ws)
     for i, (w, imp) in enumerate(zip(ws, importances)):
         _check_weight(w, bits, group_size, names[i] if names else f"weight {i}", imp)
-    if not ws:
-        return []
     device, Gs = ws[0].device, [w.shape[0] // group_size for w in ws]
     if max_bins is None:   # a histogram bin costs ~48 bytes (counts, 3 prefix sums, temporaries, index table)
         max_bins = int(0.4 * torch.cuda.mem_get_info(device)[0] / 48) if device.type == "cuda" else 2 ** 24
@@ -703,7 +638,7 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
         lut = lut_from_centres(kmeans1d(counts.view(G, R), values, 2 ** bits, **kmeans_args))  # (G, K)
         del counts
         # index of the nearest LUT entry for every key of the table: count the midpoints at or below each key
-        mid = torch.searchsorted(values, ((lut.double()[:, 1:] + lut.double()[:, :-1]) * 0.5).contiguous())
+        mid = _boundaries(values, lut.double())                                    # (G, K-1) positions
         table = torch.zeros(G, R + 1, dtype=torch.int32, device=device)
         table.scatter_add_(1, mid, torch.ones_like(mid, dtype=torch.int32))
         table = table[:, :R].cumsum(1, dtype=torch.int32).to(torch.uint8).view(-1)   # (G * R,)

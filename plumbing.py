@@ -1,40 +1,31 @@
 """
-plumbing.py -- checkpoints, reports and processes: what every script of the recipe shares, kept out of the
-reader's way.
+plumbing.py -- checkpoints, reports and processes that every script shares (not a step of the paper).
 
-Not a step of the paper (Gunter et al. 2024, arXiv 2407.21075); it serves them all. A checkpoint is one dict
-saved atomically (a temporary file, then a rename: an interrupted save never leaves half a file) with its
-`kind` ("model", "palettized", "adapter") and the model's config inside, so every script rebuilds its input
-without flags; it loads with `torch.load(weights_only=True)`, so a checkpoint cannot run code. Under torchrun,
-train.py and lora.py start here as one process per GPU (or CPU process).
+A checkpoint is one dict with its `kind` ("model", "palettized", "adapter") and the model's config, so every
+script rebuilds its input without flags. Saved atomically, loaded with `weights_only=True`, it runs no code.
 
     python -c "import plumbing; print(plumbing.load_model('out/ckpt.pt')[0].config)"
 """
-from __future__ import annotations
-
 import atexit
 import json
 import os
 import pathlib
+import re
 import tempfile
 from dataclasses import asdict, fields
 
 import torch
-import torch.distributed
+import torch.distributed as dist
 
 from model import ModelConfig, Transformer
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Checkpoints
 
 class CheckpointError(Exception):
     """A checkpoint that is missing, truncated or not ours. The message is one line naming the file."""
 
 
 def _write_atomically(path: str, write) -> None:
-    """`write(tmp)` fills a temporary file beside `path`, which then replaces `path`: an interrupted write
-    never leaves half a file."""
+    """`write(tmp)` fills a temporary file that then replaces `path`: an interruption leaves no half file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".part")
     os.close(fd)
@@ -57,13 +48,12 @@ def save_json(path: str, obj) -> None:
 
 
 def load_checkpoint(path: str, kind: str | None = "model", map_location="cpu") -> dict:
-    """Load a checkpoint written by save_checkpoint with `kind=...` in it (any kind if None). Raises a
-    one-line CheckpointError for a missing, truncated or foreign file, or one of another kind."""
+    """The checkpoint at `path`, of `kind` (any kind if None), or else a one-line CheckpointError."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, pickle of arbitrary objects, not a torch file at all ...
+    except Exception as e:  # truncated, a pickle of arbitrary objects, not a torch file at all ...
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or "kind" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint of this project")
@@ -74,8 +64,7 @@ def load_checkpoint(path: str, kind: str | None = "model", map_location="cpu") -
 
 def config_from_dict(d: dict) -> ModelConfig:
     """The ModelConfig a checkpoint stored as a dict (keys it does not know are ignored)."""
-    names = {f.name for f in fields(ModelConfig)}
-    return ModelConfig(**{k: v for k, v in d.items() if k in names})
+    return ModelConfig(**{k: v for k, v in d.items() if k in {f.name for f in fields(ModelConfig)}})
 
 
 def save_model(path: str, model: Transformer, state_dict: dict | None = None, **extra) -> None:
@@ -95,20 +84,12 @@ def load_model(path: str, map_location="cpu") -> tuple[Transformer, dict]:
     return model.to(map_location), ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Devices and processes (train.py and lora.py run under torchrun too)
-
 def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process. `device_name`: cpu, cuda, cuda:N or auto (cuda if there is
-    one). Under torchrun it also joins the process group (nccl on GPUs, gloo on CPUs) and takes the GPU of its
-    local rank; a plain run is rank 0 of 1."""
+    """(rank, world size, device) of this process; under torchrun it also joins the process group."""
     name = ("cuda" if torch.cuda.is_available() else "cpu") if device_name == "auto" else device_name
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
+    if not re.fullmatch(r"(cpu|cuda)(:\d+)?", name):
         raise ValueError(f"--device {device_name}: use auto, cpu, cuda or cuda:N")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device_name}: no CUDA GPU is available")
     if "RANK" not in os.environ:
@@ -116,7 +97,6 @@ def init_distributed(device_name: str = "auto") -> tuple[int, int, torch.device]
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(torch.distributed.destroy_process_group)   # on every way out, on every rank
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(dist.destroy_process_group)       # on every way out, on every rank
+    return dist.get_rank(), dist.get_world_size(), device

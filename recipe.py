@@ -1,57 +1,39 @@
 """
 recipe.py -- the whole recipe in one command, and its results table.
 
-Runs each step as its own process, exactly the command shown (so any step can be re-run by hand):
-
-    python train.py                                          pre-train `tiny` on the Bible (section 3)
-    python palettize.py --bpw 3.7                            3.7 bits per weight, the paper's mix (5)
-    python palettize.py --ckpt out/ckpt.pt --bits 4 ...      uniform 4-bit and 2-bit, for comparison
-    python lora.py                                           the recovery adapter (5)
-    python lora.py --task pydoc --init recovery|zero         a feature adapter, from recovery or from zero
-    python export_ane.py                                     one Core ML package for the Neural Engine (5)
-
-then prints the results table, built only from the JSON reports the steps wrote, and writes it to
-out/results.md. It writes nothing outside out/ unless asked: `--readme` puts the table into README.md.
+Runs each of STEPS as its own process, exactly the command shown (so any step can be re-run by hand), then
+prints the table built only from their JSON reports and writes it to out/results.md (--readme: README too).
 
     python recipe.py                      # everything, about 9 minutes on 2 CPU cores
     python recipe.py --from lora          # start again at a step (after an interruption, say)
     python recipe.py --table-only         # only rebuild the table from out/*.json
 """
-from __future__ import annotations
-
 import argparse
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
 import time
 
-STEPS = [
-    ("train", ["train.py"]),
-    ("palettize", ["palettize.py", "--bpw", "3.7"]),
-    ("uniform", ["palettize.py", "--ckpt", "out/ckpt.pt", "--bits", "4", "--out-dir", "out/uniform_4bit"]),
-    ("uniform", ["palettize.py", "--ckpt", "out/ckpt.pt", "--bits", "2", "--out-dir", "out/uniform_2bit"]),
-    ("lora", ["lora.py"]),
-    ("feature", ["lora.py", "--task", "pydoc", "--init", "recovery"]),
-    ("feature", ["lora.py", "--task", "pydoc", "--init", "zero"]),
-    ("export", ["export_ane.py"]),
-]
+STEPS = {  # name (for --from): its commands, in order; the paper's section in brackets
+    "train": ["train.py"],                                              # pre-train `tiny` on the Bible (3)
+    "palettize": ["palettize.py --bpw 3.7"],                            # 3.7 bits per weight, the mix (5)
+    "uniform": [f"palettize.py --ckpt out/ckpt.pt --bits {b} --out-dir out/uniform_{b}bit" for b in (4, 2)],
+    "lora": ["lora.py"],                                                # the recovery adapter (5)
+    "feature": [f"lora.py --task pydoc --init {i}" for i in ("recovery", "zero")],  # from recovery or zero
+    "export": ["export_ane.py"],                                        # one Core ML package for the ANE (5)
+}
 MARK_BEGIN, MARK_END = "<!-- results:begin -->", "<!-- results:end -->"
-
-
-def report(out_dir: str, name: str) -> dict | None:
-    """The JSON report `name` under out_dir, or None if that step has not run."""
-    path = os.path.join(out_dir, name)
-    return json.load(open(path)) if os.path.isfile(path) else None
 
 
 def results_table(out_dir: str = "out") -> str:
     """A Markdown table of what each step of the recipe cost and gained, from out_dir's JSON reports alone."""
-    tr, pal, rec, exp = (report(out_dir, n) for n in
-                         ("train.json", "palettize.json", "lora_recovery.json", "export.json"))
-    uniform = [r for b in (4, 2) if (r := report(os.path.join(out_dir, f"uniform_{b}bit"), "palettize.json"))]
-    feats = {i: report(out_dir, f"lora_pydoc_{i}.json") for i in ("recovery", "zero")}
+    load = lambda n: json.load(open(p)) if os.path.isfile(p := os.path.join(out_dir, n)) else None  # noqa
+    tr, pal, rec, exp = map(load, ("train.json", "palettize.json", "lora_recovery.json", "export.json"))
+    uniform = [u for b in (4, 2) if (u := load(f"uniform_{b}bit/palettize.json"))]
+    feats = {i: load(f"lora_pydoc_{i}.json") for i in ("recovery", "zero")}
     mb = lambda n: f"{n / 1e6:.2f} MB"                                          # noqa: E731
     rows = ["| step | model | val bpb | bytes | command |", "|---|---|---|---|---|"]
     if tr:
@@ -77,25 +59,21 @@ def results_table(out_dir: str = "out") -> str:
         rows.append(f"| recovery adapter | rank {rec['rank']} LoRA on the "
                     f"{rec['base_bits_per_weight']:.2f}-bit base, {rec['iters_done']} steps in "
                     f"{rec['train_seconds']:.0f} s, loss {rec['loss']} | {rec['val_bpb_recovered']:.4f}, "
-                    f"{closed} | "
-                    f"+{mb(rec['adapter_bytes'])} | `python lora.py` |")
+                    f"{closed} | +{mb(rec['adapter_bytes'])} | `python lora.py` |")
     if exp:
         check = (f"max logit diff {exp['max_abs_logit_diff']:.3f}, argmax agreement "
                  f"{exp['argmax_agreement']:.1%}" if exp.get("verified") else "not verified")
         rows.append(f"| export | Core ML package ({', '.join(exp['functions'])}) | {check} | "
                     f"{mb(exp['package_bytes'])} (ideal {mb(exp['ideal_bytes'])}, floor "
                     f"{exp['floor_over_ideal']:.2f}x) | `python export_ane.py` |")
-    table = "\n".join(rows)
-    if all(feats.values()):
-        steps = sorted(set(feats["recovery"]["val_bpb_by_step"]) & set(feats["zero"]["val_bpb_by_step"]),
-                       key=int)
-        table += ("\n\nFeature adapter on Python's documentation (`pydoc` validation bpb by step; same steps "
-                  "and seed):\n\n| init | " + " | ".join(f"step {s}" for s in steps)
-                  + f" | {feats['zero']['orig_data']} bpb after |\n|---|" + "---|" * (len(steps) + 1))
-        for init, f in feats.items():
-            table += (f"\n| {init} | " + " | ".join(f"{f['val_bpb_by_step'][s]:.4f}" for s in steps)
-                      + f" | {f['orig_val_bpb_end']:.4f} |")
-    return table
+    if all(feats.values()):          # the feature adapter's validation curve, from recovery and from zero
+        steps = sorted({*feats["recovery"]["val_bpb_by_step"]} & {*feats["zero"]["val_bpb_by_step"]}, key=int)
+        rows += ["", "Feature adapter on Python's documentation (`pydoc` validation bpb by step; same steps "
+                 "and seed):", "", "| init | " + " | ".join(f"step {s}" for s in steps)
+                 + f" | {feats['zero']['orig_data']} bpb after |", "|---|" + "---|" * (len(steps) + 1)]
+        rows += [f"| {init} | " + " | ".join(f"{f['val_bpb_by_step'][s]:.4f}" for s in steps)
+                 + f" | {f['orig_val_bpb_end']:.4f} |" for init, f in feats.items()]
+    return "\n".join(rows)
 
 
 def write_table(out_dir: str = "out", readme: str | None = None) -> str:
@@ -103,37 +81,33 @@ def write_table(out_dir: str = "out", readme: str | None = None) -> str:
     body = (f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()}, {os.cpu_count()} CPUs, with "
             f"`python recipe.py`.\n\n{results_table(out_dir)}")
     print(body)
-    with open(os.path.join(out_dir, "results.md"), "w") as f:
-        f.write(body + "\n")
+    pathlib.Path(out_dir, "results.md").write_text(body + "\n")
     if readme:
-        text = open(readme).read()
-        if MARK_BEGIN not in text or MARK_END not in text:
+        head, begin, rest = open(readme).read().partition(MARK_BEGIN)
+        _, end, tail = rest.partition(MARK_END)
+        if not (begin and end):
             raise SystemExit(f"error: {readme} has no {MARK_BEGIN} ... {MARK_END} markers")
-        head, rest = text.split(MARK_BEGIN, 1)
-        with open(readme + ".tmp", "w") as f:
-            f.write(f"{head}{MARK_BEGIN}\n{body}\n{MARK_END}{rest.split(MARK_END, 1)[1]}")
-        os.replace(readme + ".tmp", readme)
+        pathlib.Path(readme + ".tmp").write_text(f"{head}{begin}\n{body}\n{end}{tail}")
+        os.replace(readme + ".tmp", readme)                     # a rename: an interrupted write loses nothing
         print(f"updated the results table in {readme}")
     return body
 
 
 def main(argv=None) -> None:
     """Run the recipe's steps from --from on, then write the table."""
-    names = list(dict.fromkeys(n for n, _ in STEPS))
     ap = argparse.ArgumentParser(description="Run the whole recipe, step by step, then print its results.")
-    ap.add_argument("--from", dest="start", choices=names, default=names[0],
-                    help=f"the step to start at (default: {names[0]})")
-    ap.add_argument("--table-only", action="store_true",
-                    help="run nothing; the table from out/*.json (default: off)")
-    ap.add_argument("--readme", action="store_true", help="also write the table into README.md (default: no)")
-    a = ap.parse_args(argv)
-    here = os.path.dirname(os.path.abspath(__file__))
-    todo = [] if a.table_only else [step for name, step in STEPS if names.index(name) >= names.index(a.start)]
-    for i, step in enumerate(todo, 1):
-        print(f"\n[{i}/{len(todo)}] python {' '.join(step)}", flush=True)
-        if subprocess.run([sys.executable, os.path.join(here, step[0]), *step[1:]]).returncode:
-            name = next(n for n, s in STEPS if s == step)
-            raise SystemExit(f"error: python {' '.join(step)} failed; later: python recipe.py --from {name}")
+    add = ap.add_argument
+    add("--from", dest="start", choices=STEPS, default="train", help="the step to start at (default: train)")
+    add("--table-only", action="store_true", help="run nothing; the table from out/*.json (default: off)")
+    add("--readme", action="store_true", help="also write the table into README.md (default: no)")
+    a, here = ap.parse_args(argv), os.path.dirname(os.path.abspath(__file__))
+    names = [] if a.table_only else list(STEPS)[list(STEPS).index(a.start):]
+    todo = [(name, command) for name in names for command in STEPS[name]]
+    for i, (name, command) in enumerate(todo, 1):
+        print(f"\n[{i}/{len(todo)}] python {command}", flush=True)
+        script, *flags = command.split()
+        if subprocess.run([sys.executable, os.path.join(here, script), *flags]).returncode:
+            raise SystemExit(f"error: python {command} failed; later: python recipe.py --from {name}")
     os.makedirs("out", exist_ok=True)
     write_table("out", os.path.join(here, "README.md") if a.readme else None)
 

@@ -1,16 +1,12 @@
 """
-sample.py -- generate text from any checkpoint the recipe writes: a float model (train.py, pretrained.py), a
-palettized one (palettize.py), with or without an adapter (lora.py).
-
-Generation itself is model.Transformer.generate (a KV cache; greedy, or temperature with top-k); this file
-only loads the checkpoint and tokenizes (bytes, or the BPE vocabulary a pretrained checkpoint carries).
+sample.py -- generate text from any checkpoint the recipe writes: a float model (train.py, pretrained.py) or a
+palettized one (palettize.py), with or without an adapter (lora.py). Generation is model.Transformer.generate
+(a KV cache; greedy, or temperature with top-k); this file only loads the checkpoint and tokenizes.
 
     python sample.py                                                   # out/ckpt.pt, a prompt from its corpus
     python sample.py --ckpt out/palettized.pt --adapter out/adapter_recovery.pt --prompt "And God said"
     python sample.py --ckpt out/smollm2/ckpt.pt --chat "What is the capital of France?"
 """
-from __future__ import annotations
-
 import argparse
 
 import torch
@@ -26,10 +22,10 @@ def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description="Generate text from a float or palettized checkpoint.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint of train, pretrained or palettize.py")
-    ap.add_argument("--adapter", default=None, help="an adapter of lora.py on that (palettized) base")
+    ap.add_argument("--adapter", help="an adapter of lora.py on that (palettized) base")
     ap.add_argument("--prompt", help="text to continue (default: the start of the model's corpus)")
-    ap.add_argument("--chat", default=None, help="a question, asked in the checkpoint's chat template (a "
-                                                 "pretrained.py checkpoint); greedy")
+    ap.add_argument("--chat", help="a question, asked in the checkpoint's chat template (a pretrained.py "
+                                   "checkpoint); greedy")
     ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     ap.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")
@@ -42,7 +38,6 @@ def main(argv=None) -> str:
         model, ckpt = load_palettized(a.ckpt) if kind == "palettized" else load_model(a.ckpt)
         if a.adapter:
             load_adapter(a.adapter, model)
-        model.eval()
         tokenizer = tokenizer_from_checkpoint(ckpt)
         if a.chat is not None:
             if tokenizer is None:
@@ -50,17 +45,13 @@ def main(argv=None) -> str:
             from pretrained import chat_answer
             text = chat_answer(model, tokenizer, a.chat, a.max_new_tokens)
         else:
-            if a.prompt is None:
-                run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
-                corpus = run.get("data")
-                a.prompt = load_text(corpus or "bible")[:24]
-            prompt = encode(a.prompt, tokenizer).long()[None]                   # (1, T)
-            n = min(a.max_new_tokens, model.config.max_seq_len - prompt.shape[1])
-            if n < 1:
+            run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
+            prompt = a.prompt if a.prompt is not None else load_text(run.get("data") or "bible")[:24]
+            prompt = encode(prompt, tokenizer).long()[None]                     # (1, T)
+            if (n := min(a.max_new_tokens, model.config.max_seq_len - prompt.shape[1])) < 1:
                 raise DataError(f"--prompt of {prompt.shape[1]} tokens leaves no room in the model's context "
                                 f"of {model.config.max_seq_len}")
-            out = model.generate(prompt, n, temperature=a.temperature, top_k=a.top_k,
-                                 generator=torch.Generator().manual_seed(a.seed))
+            out = model.generate(prompt, n, a.temperature, a.top_k, torch.Generator().manual_seed(a.seed))
             text = decode(out[0], tokenizer)
     except (CheckpointError, AdapterError, DataError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -2,12 +2,10 @@
 verify_ane.py -- checks the Core ML package that export_ane.py writes, without a Mac, and counts its bytes.
 
 Backs section 5 (on-device optimization) of Gunter et al. 2024 (arXiv 2407.21075): palettize.py's LUTs and
-indices are in the package bit for bit (check_weights); each function computes what the PyTorch model
-computes, run op by op in numpy (NumpyProgram), on macOS by Core ML too (compare_logits); an adapter costs
-~its fp16 bytes.
+indices are in the package bit for bit (check_weights); each function computes what the PyTorch model does,
+run op by op in numpy (NumpyProgram) and on macOS by Core ML too; an adapter costs ~its fp16 bytes.
 
-Run: `python export_ane.py` calls package_report() (`--no-verify`: the bytes only); tests: `python -m pytest
--q tests/test_verify_ane.py`.
+Run: `python export_ane.py` calls package_report() (`--no-verify`: the bytes only).
 """
 import contextlib
 import io
@@ -32,8 +30,7 @@ TOLERANCE = 0.02   # x the largest |logit|: fp16 keeps 11 bits; dozens of layers
 @contextlib.contextmanager
 def quiet():
     """Silence coremltools' notices, warnings and progress bars (our stages report progress instead)."""
-    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings(action="ignore"):
         yield
 
 
@@ -64,55 +61,45 @@ def read_package(path: str):
         return _load_mil_proto(spec, spec.specificationVersion, _data(path, "weights"))
 
 
-def _same(a, b) -> bool:
-    a, b = np.asarray(a), np.asarray(b)                 # bit for bit, shape and dtype included
-    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
-
-
 def check_weights(prog, weights: dict, emb: dict) -> dict:
     """Every function's LUTs, indices, fp16 weights and embedding against ours, bit for bit."""
+    def same(a, b):                                                   # bit for bit, shape and dtype included
+        return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
     lut_layers, problems = set(), []
     for fname, func in prog.functions.items():
-        held = {}
-        for op in func.operations:
-            held.setdefault(op.name, []).append(op)
+        ops = {op.name: op for op in func.operations}
         for name, w in [*weights.items(), ("tok_emb", emb)]:
-            ops = held.get(mil_name(f"{name}.weight"), [])
-            op, kind = (ops[0], ops[0].op_type) if len(ops) == 1 else (None, f"{len(ops)} ops")
+            op = ops.get(mil_name(f"{name}.weight"))
+            kind = "0 ops" if op is None else op.op_type
             if w.get("lut") is not None:      # the LUT as put_weights shapes it; the indices as uint{bits}
                 lut = w["lut"].numpy()
                 ok = kind == "constexpr_lut_to_dense" \
-                    and _same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
+                    and same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
                     and mil_types.builtin_to_string(op.indices.dtype) == f"uint{w['bits']}" \
-                    and _same(np.asarray(op.indices.val, np.uint8), w["indices"].numpy()[:, :, None, None])
+                    and same(np.asarray(op.indices.val, np.uint8), w["indices"].numpy()[:, :, None, None])
                 lut_layers.update([name] if ok else [])
             elif w.get("int8") is not None:
-                ok = kind == "constexpr_blockwise_shift_scale" and _same(op.scale.val, w["scale"].numpy()) \
-                    and _same(op.data.val.astype(np.int8), w["int8"].numpy())
+                ok = kind == "constexpr_blockwise_shift_scale" and same(op.scale.val, w["scale"].numpy()) \
+                    and same(op.data.val.astype(np.int8), w["int8"].numpy())
             else:
                 dense = w["dense"].numpy()
-                ok = kind == "const" and _same(op.outputs[0].val.reshape(dense.shape), dense)
+                ok = kind == "const" and same(op.outputs[0].val.reshape(dense.shape), dense)
             if ok and name == "tok_emb":      # one constant for the token lookup and the tied head
                 ok = {"gather", "linear"} <= {c.op_type for c in op.outputs[0].child_ops}
             if not ok:
                 problems.append(f"{fname}: {name}.weight ({kind}) is not ours bit for bit, or not shared")
-    n_lut = sum(w["lut"] is not None for w in weights.values())
-    return {"lut_exact": (not problems and len(lut_layers) == n_lut) if n_lut else None,
-            "lut_layers": len(lut_layers), "problems": problems}
+    exact = not problems if any(w["lut"] is not None for w in weights.values()) else None
+    return {"lut_exact": exact, "lut_layers": len(lut_layers), "problems": problems}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # One function of the program, run in numpy; against PyTorch
 
-def _f32(a) -> np.ndarray:
-    return np.asarray(a, dtype=np.float32)
-
-
 class NumpyProgram:
     """One function of a MIL program, run op by op in numpy: program(inputs, states) -> outputs."""
-    # Each op's own value_inference() (coremltools' numpy semantics), plus conv / matmul / linear / silu and
-    # the state ops, which have none. Every op reads fp16 values, computes in fp32 and rounds to the declared
-    # fp16: fp16 storage, wider accumulation, as on the Neural Engine (its rounding is not reproduced).
+    # Each op's own value_inference() (coremltools' numpy semantics), plus conv, silu and the state ops, which
+    # have none. Every op reads fp16 values, computes in fp32 and rounds to the declared fp16: fp16 storage,
+    # wider accumulation, as on the Neural Engine (its rounding is not reproduced).
 
     def __init__(self, func):
         self.func, self.consts = func, {}
@@ -123,28 +110,11 @@ class NumpyProgram:
             elif op.op_type.startswith("constexpr_"):
                 self.consts[op.outputs[0].name] = op.materialized_val_inference()
 
-    @staticmethod
-    def own_op_value(op, v) -> np.ndarray:
-        """conv (1x1), matmul, linear or silu, which have no value_inference(); v(var) -> its array."""
-        t, x = op.op_type, _f32(v(op.x))
-        if t == "silu":
-            return x * 0.5 * (1 + np.tanh(x / 2))
-        if t == "matmul":
-            x, y = [a.swapaxes(-1, -2) if flag.val else a for a, flag in
-                    ((x, op.transpose_x), (_f32(v(op.y)), op.transpose_y))]
-            return x @ y
-        w, bias = _f32(v(op.weight)), _f32(0 if op.bias is None else op.bias.val)
-        if t == "linear":
-            return x @ w.T + bias
-        if w.shape[2:] != (1, 1) or np.any(getattr(op.groups, "val", 1) != 1) \
-                or np.any(getattr(op.strides, "val", 1) != 1):
-            raise VerifyError(f"numpy run: conv {op.name} is not a plain 1x1 convolution")
-        return np.einsum("oi,bihw->bohw", w[:, :, 0, 0], x) + bias.reshape(1, -1, 1, 1)
-
     def __call__(self, inputs: dict, states: dict) -> dict:
         """The function's outputs {name: array}; `states` ({name: array}) are read and updated in place."""
         env = dict(self.consts)
         cast = lambda var, val: np.asarray(val).astype(mil_types.nptype_from_builtin(var.dtype))  # noqa: E731
+        f32 = lambda var: np.asarray(0 if var is None else env[var.name], np.float32)  # noqa: E731
         env.update((n, cast(var, inputs[n])) for n, var in self.func.inputs.items() if n in inputs)
         for op in self.func.operations:
             t = op.op_type
@@ -154,14 +124,17 @@ class NumpyProgram:
                 out = states[op.input.name].copy()
             elif t == "coreml_update_state":
                 states[op.state.name] = out = env[op.value.name].copy()
-            elif t in ("conv", "matmul", "linear", "silu"):
-                out = self.own_op_value(op, lambda var: env[var.name])
+            elif t == "silu":
+                x = f32(op.x)
+                out = x * 0.5 * (1 + np.tanh(x / 2))
+            elif t == "conv":                        # 1x1 only: squeeze((2, 3)) fails on a larger kernel
+                w = f32(op.weight).squeeze((2, 3))                                  # (out, in)
+                out = np.einsum("oi,bihw->bohw", w, f32(op.x)) + f32(op.bias).reshape(1, -1, 1, 1)
             else:
                 bound = [(var, var._sym_val) for var in op.get_flattened_inputs()]   # restored below
-                for var, _ in bound:
-                    val = env[var.name]
-                    var._sym_val = SimpleNamespace(val=_f32(val) if getattr(val, "dtype", 0) == np.float16
-                                                   else val)
+                for var, _ in bound:                             # fp16 values are read in fp32
+                    fp16 = getattr(env[var.name], "dtype", 0) == np.float16
+                    var._sym_val = SimpleNamespace(val=f32(var) if fp16 else env[var.name])
                 try:
                     out = op.value_inference()
                 finally:
@@ -183,15 +156,17 @@ def verify_text(vocab_size: int, n: int, tokenizer=None) -> torch.Tensor:
     return encode(text[len(text) // 3:len(text) // 3 + 16 * n], tokenizer)[:n].long() % vocab_size
 
 
-def compare_logits(runs, model, tokens, prefill_len: int, lengths, steps: int, bar=None) -> list[tuple]:
-    """Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|) of runs vs model."""
-    # runs: (run_prefill, run_decode, new_states, adapter) per function pair; run(inputs, states)["logits"].
-    # For each prompt length L: prefill tokens[:L] (zero-padded), then `steps` decode steps fed the next true
+def compare_logits(load, model, adapter_list, tokens, prefill_len: int, lengths, steps: int, bar) -> list:
+    """Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|) vs the model."""
+    # load(function name) -> (run(inputs, states)["logits"], new_states()). For the base and each adapter and
+    # each prompt length L: prefill tokens[:L] (zero-padded), then `steps` decode steps fed the next true
     # tokens; the PyTorch model, with the adapter file attached, runs the whole sequence at once.
     rows = []
-    for run_pre, run_dec, new_states, adapter in runs:
-        if adapter is not None:
-            load_adapter(adapter["path"], model)
+    for ad in [None, *adapter_list]:
+        tag = f"_{ad['name']}" if ad else ""
+        (run_pre, new_states), (run_dec, _) = load(f"prefill{tag}"), load(f"decode{tag}")
+        if ad:
+            load_adapter(ad["path"], model)
         try:
             for L in lengths:
                 states, padded = new_states(), np.zeros((1, prefill_len), np.int32)
@@ -200,12 +175,11 @@ def compare_logits(runs, model, tokens, prefill_len: int, lengths, steps: int, b
                 for pos in range(L, L + steps):
                     got.append(run_dec({"token": np.array([[int(tokens[pos])]], np.int32),
                                         "pos": np.array([pos], np.int32)}, states)["logits"])
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
                 with torch.no_grad():                           # logits at L-1 .. L-1+steps
                     want = model(tokens[None, :L + steps])[0, L - 1:]
                 for g, w in zip(got, want):
-                    g, w = _f32(g).reshape(-1), w.reshape(-1).float().numpy()
+                    g, w = np.asarray(g, np.float32).reshape(-1), w.reshape(-1).float().numpy()
                     second, first = np.partition(w, -2)[-2:]
                     rows.append((float(np.abs(g - w).max()), bool(g.argmax() == w.argmax()),
                                  float(first - second), float(np.abs(w).max())))
@@ -225,7 +199,7 @@ def logit_verdict(rows) -> dict:
     r = {"max_abs_logit_diff": max(diffs), "logit_tolerance": tol, "max_abs_logit": max(refs),
          "argmax_agreement": agreement, "argmax_judged": len(judged), "argmax_margin_threshold": tol,
          "compared_logits": len(rows)}
-    if r["max_abs_logit_diff"] > tol or agreement < 0.99:
+    if max(diffs) > tol or agreement < 0.99:
         r["verify_error"] = (f"verification: numpy run of the package differs from PyTorch (max |logit diff| "
                              f"{max(diffs):.4f}, tolerance {tol:.4f}; argmax agreement {agreement:.1%} over "
                              f"{len(judged)} of {len(rows)} positions, those with top-2 margin > {tol:.4f})")
@@ -238,24 +212,22 @@ def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, cont
     steps = max(0, min(8, context - prefill_len))
     lengths = sorted({prefill_len, max(1, prefill_len // 2 + 1), max(1, prefill_len // 4)})
     tokens = verify_text(model.config.vocab_size, prefill_len + steps, tokenizer)
-    pairs = [("prefill", "decode", None)] + [(f"prefill_{a['name']}", f"decode_{a['name']}", a)
-                                              for a in adapter_list]
     shape = tuple(pkg.functions["prefill"].inputs["k_cache"].shape)
     new_states = lambda: {n: np.zeros(shape, np.float16) for n in ("k_cache", "v_cache")}  # noqa: E731
-    with tqdm(total=len(pairs) * len(lengths) * steps, desc="verify (numpy vs PyTorch)", unit="step") as bar:
-        runs = ((NumpyProgram(pkg.functions[pre]), NumpyProgram(pkg.functions[dec]), new_states, ad)
-                for pre, dec, ad in pairs)
-        r = logit_verdict(compare_logits(runs, model, tokens, prefill_len, lengths, steps, bar))
+    with tqdm(total=(1 + len(adapter_list)) * len(lengths) * steps, desc="verify (numpy vs PyTorch)",
+              unit="step") as bar:
+        rows = compare_logits(lambda f: (NumpyProgram(pkg.functions[f]), new_states), model, adapter_list,
+                              tokens, prefill_len, lengths, steps, bar)
+    r = logit_verdict(rows)
     if platform.system() != "Darwin":
         return {**r, "predict": "skipped (Core ML predict() needs macOS; the numpy run stands in for it)"}
 
-    def coreml_runs():                          # Core ML's own predict(), one prompt per function pair
-        for pre, dec, ad in pairs:
-            mp, md = (ct.models.MLModel(pkg_path, function_name=f, compute_units=ct.ComputeUnit.CPU_AND_NE)
-                      for f in (pre, dec))
-            yield lambda i, s: mp.predict(i, state=s), lambda i, s: md.predict(i, state=s), mp.make_state, ad
+    def coreml(fname):                          # Core ML's own predict(); one prompt per function pair
+        m = ct.models.MLModel(pkg_path, function_name=fname, compute_units=ct.ComputeUnit.CPU_AND_NE)
+        return lambda inputs, states: m.predict(inputs, state=states), m.make_state
     try:
-        rows = compare_logits(coreml_runs(), model, tokens, prefill_len, [max(1, prefill_len // 2)], 4)
+        rows = compare_logits(coreml, model, adapter_list, tokens, prefill_len, [max(1, prefill_len // 2)], 4,
+                              tqdm(disable=True))
         return {**r, "predict": "ok", "predict_max_abs_logit_diff": max(row[0] for row in rows),
                 "predict_argmax_agreement": sum(row[1] for row in rows) / len(rows)}
     except Exception as e:
@@ -264,11 +236,6 @@ def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, cont
 
 # ----------------------------------------------------------------------------------------------------------
 # Bytes
-
-def dir_bytes(path: str) -> int:
-    """Total size of the files under `path`."""
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
-
 
 def ideal_bytes(model, weights: dict, emb: dict) -> int:
     """Bytes of the base as palettize.py stores it: packed indices, LUTs, int8 embedding + scales, norms."""
@@ -280,8 +247,8 @@ def ideal_bytes(model, weights: dict, emb: dict) -> int:
 
 def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
     """(program bytes, bytes of the weight blobs only they use, weight-declaring op bytes) of `fnames`."""
-    # A blob is a 64-byte header + its data, 64-aligned. Weight-declaring ops (constexpr ops, blob-backed
-    # consts) are a floor: every function must declare the weights it reads.
+    # A blob is a 64-byte header (its data size at byte 8) + its data, 64-aligned. Weight-declaring ops
+    # (constexpr ops, blob-backed consts) are a floor: every function must declare the weights it reads.
     blobs, decl = {}, {}
     for name, f in spec.mlProgram.functions.items():
         blobs[name], decl[name] = set(), 0
@@ -294,17 +261,16 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
     mine -= set().union(*(b for f, b in blobs.items() if f not in fnames))
     program = sum(spec.mlProgram.functions[f].ByteSize() for f in fnames)
     program += sum(d.ByteSize() for d in spec.description.functions if d.name in fnames)
-    weights = 0
-    with open(_data(path, "weights", "weight.bin"), "rb") as fh:
-        for off in mine:
-            fh.seek(off + 8)                                        # the blob's data size, after its header
-            weights += 64 + (int.from_bytes(fh.read(8), "little") + 63) // 64 * 64
+    sizes = [np.fromfile(_data(path, "weights", "weight.bin"), "<u8", 1, offset=off + 8)[0] for off in mine]
+    weights = sum(64 + (int(n) + 63) // 64 * 64 for n in sizes)
     return program, weights, sum(decl[f] for f in fnames)
 
 
 def bytes_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list) -> dict:
     """Package bytes against the ideal (palettize.py's + adapters in fp16) and the floor; adapters' bytes."""
-    r = {"package_bytes": dir_bytes(pkg_path), "weight_bytes": dir_bytes(_data(pkg_path, "weights")),
+    def size(path):                                                   # of all the files under `path`
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+    r = {"package_bytes": size(pkg_path), "weight_bytes": size(_data(pkg_path, "weights")),
          "program_bytes": os.path.getsize(_data(pkg_path, "model.mlmodel")), "adapters": {}}
     r["other_bytes"] = r["package_bytes"] - r["weight_bytes"] - r["program_bytes"]
     ideal, spec = ideal_bytes(model, weights, emb), ct.utils.load_spec(pkg_path)
@@ -317,8 +283,6 @@ def bytes_report(pkg_path: str, model, weights: dict, emb: dict, adapter_list) -
             "added_program_bytes": prog, "added_floor_bytes": blob + decl,
             "floor_over_fp16": round((blob + decl) / fp16, 4)}
         ideal += fp16
-    # A function cannot read another's weight declarations: when the floor is above 1.03 x ideal, as on `tiny`
-    # with 8 functions, no rewrite of the compute ops can meet that bound.
     decl = function_bytes(spec, pkg_path, [f.name for f in spec.description.functions])[2]
     return {**r, "ideal_bytes": ideal, "package_over_ideal": round(r["package_bytes"] / ideal, 4),
             "weights_over_ideal": round(r["weight_bytes"] / ideal, 4), "weight_declaration_bytes": decl,

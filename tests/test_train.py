@@ -244,7 +244,7 @@ def test_learning_rate_schedule_and_decay_groups():
     assert train.lr_at(110, s) == pytest.approx(5e-6)  # to 0.005x the peak
     assert train.lr_at(60, s) == pytest.approx(5e-6 + (1e-3 - 5e-6) / 2)  # cosine: half-way at mid-run
     model = Transformer(CONFIGS["tiny"])
-    opt = train.make_optimizer(model, s, torch.device("cpu"))
+    opt = train.make_optimizer(model, s)
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         assert (id(p) in decayed) == (p.dim() == 2), name  # matmuls + tied embedding only
