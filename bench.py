@@ -1,10 +1,11 @@
 """
 bench.py -- measurements side by side, ratios first; not needed by the recipe. Each section is a function
-(palettize: ours against coremltools, whose k-means needs `pip install scikit-learn`; train; generate; afm,
-for one GPU); the results merge into OUT_DIR/bench.json (sections not run keep their earlier entries).
+(palettize: ours against coremltools, whose k-means needs `pip install scikit-learn`; generate; afm, for one
+GPU); the results merge into OUT_DIR/bench.json (sections not run keep their earlier entries). Training
+throughput and MFU are train.py's own report.
 
     python bench.py                                   # the sections that run on this machine
-    python bench.py --only afm,train --device cuda    # one GPU
+    python bench.py --only afm --device cuda          # one GPU
 """
 import argparse
 import json
@@ -16,7 +17,6 @@ import time
 import torch
 
 import palettize
-import train
 from model import CONFIGS, Transformer
 from plumbing import load_model, save_json
 
@@ -91,21 +91,6 @@ def bench_afm(args) -> dict:
             "seconds": seconds, "weights_per_second": n / seconds, "mse_layer0": mse0}
 
 
-def bench_train(args) -> dict:
-    """train.py's own tokens/s (and MFU on a GPU): `tiny` on the CPU, `small` with bf16 + compile on a GPU."""
-    cuda = args.device.startswith("cuda")
-    argv = (["--config", "small", "--device", args.device, "--dtype", "bfloat16", "--compile", "--batch-size",
-             "64", "--iters", "150"] if cuda else ["--config", "tiny", "--device", "cpu", "--iters", "30"])
-    with tempfile.TemporaryDirectory() as d:
-        r = train.main(argv + ["--out-dir", d, "--eval-every", "100000"])
-    out = {"config": r["config"]["name"], "device": r["device"], "tokens_per_second": r["tokens_per_second"],
-           "train_command": "python train.py " + " ".join(argv), "torch": torch.__version__,
-           **({"mfu": r["mfu"], "gpu": torch.cuda.get_device_name()} if cuda else {})}
-    print(f"train {out['config']} on {out['device']}: {out['tokens_per_second']:,.0f} tokens/s"
-          + (f", MFU {out['mfu']:.1%} of 989 TFLOP/s" if cuda else ""))
-    return out
-
-
 def bench_generate(args) -> dict:
     """Greedy generation to the end of the context, the KV cache against recomputing the prefix each step."""
     path = os.path.join(args.out_dir, "ckpt.pt")
@@ -125,18 +110,18 @@ def bench_generate(args) -> dict:
     return r
 
 
-SECTIONS = {"palettize": bench_palettize, "train": bench_train, "generate": bench_generate, "afm": bench_afm}
+SECTIONS = {"palettize": bench_palettize, "generate": bench_generate, "afm": bench_afm}
 
 
 def main(argv=None) -> dict:
     """Run the sections asked for; returns bench.json's contents."""
-    ap = argparse.ArgumentParser(description="Benchmarks side by side, merged into OUT_DIR/bench.json.",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap = argparse.ArgumentParser(description="Benchmarks side by side, merged into OUT_DIR/bench.json.")
     ap.add_argument("--only", help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all that fit)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda, for train and afm")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads for our side of palettize")
-    ap.add_argument("--out-dir", default="out", help="where bench.json goes")
-    ap.add_argument("--shapes", default="3072x3072,8192x3072", help="weights of the palettize section")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda, for afm (default: cpu)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for our palettize (default: 2)")
+    ap.add_argument("--out-dir", default="out", help="where bench.json goes (default: out)")
+    ap.add_argument("--shapes", default="3072x3072,8192x3072",
+                    help="OUTxIN weights of the palettize section (default: 3072x3072,8192x3072)")
     ap.add_argument("--afm-layers", type=int, help="afm: only the first N of the 26 layers (default: all)")
     args = ap.parse_args(argv)
     try:
