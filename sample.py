@@ -48,6 +48,8 @@ def main(argv=None) -> str:
             run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
             prompt = a.prompt if a.prompt is not None else load_text(run.get("data") or "bible")[:24]
             prompt = encode(prompt, tokenizer).long()[None]                     # (1, T)
+            if prompt.shape[1] == 0:
+                raise DataError("--prompt is empty: give at least one token to continue")
             if (n := min(a.max_new_tokens, model.config.max_seq_len - prompt.shape[1])) < 1:
                 raise DataError(f"--prompt of {prompt.shape[1]} tokens leaves no room in the model's context "
                                 f"of {model.config.max_seq_len}")

@@ -46,6 +46,7 @@ def test_float_palettized_and_adapter(tmp_path, capsys):
         (["--ckpt", "missing.pt"], "no such file"),
         (["--chat", "hi"], "--chat needs"),
         (["--prompt", "x" * 60], "no room"),
+        (["--prompt", ""], "--prompt is empty"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, argv, message):
