@@ -1,9 +1,8 @@
 """
 bpe.py -- the byte-level BPE tokenizer a pretrained model brings (pretrained.py); our own models use bytes.
 
-Not in the paper's recipe (Gunter et al. 2024, arXiv 2407.21075; AFM has a 49K BPE of its own): it lets the
-recipe run on a real pretrained model. A regex cuts the text into pieces (llama.cpp's pre-tokenizers 'gpt2'
-and 'smollm'), whose bytes, as printable characters, merge pairwise, lowest rank first; specials stay whole.
+Not in the paper's recipe (Gunter et al. 2024, arXiv 2407.21075; AFM has its own 49K BPE). A regex cuts the
+text into pieces whose bytes, as printable characters, merge pairwise, lowest rank first; specials stay whole.
 
     python bpe.py --ckpt out/smollm2/ckpt.pt "Hello, world"        # the ids and pieces of a text
 """
@@ -35,8 +34,7 @@ def pretokenizer_regex(pre: str) -> re.Pattern:
 class BPETokenizer:
     """Byte-level BPE: tokens (id -> byte characters), merges ("a b" by rank), token_types (3, 4: special)."""
 
-    def __init__(self, tokens: list[str], merges: list[str], token_types: list[int] | None = None,
-                 pre: str = "gpt2"):
+    def __init__(self, tokens: list[str], merges: list[str], token_types: list | None = None, pre="gpt2"):
         self.tokens, self.merges, self.pre = list(tokens), list(merges), pre
         self.token_types = [1] * len(self.tokens) if token_types is None else list(token_types)
         self.ids = {t: i for i, t in enumerate(self.tokens)}

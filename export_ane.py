@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from data import tokenizer_from_checkpoint
 from lora import AdapterError, adapters, load_adapter, remove_adapters
-from model import Attention, Block, RMSNorm, Transformer
+from model import Attention, RMSNorm, Transformer
 from plumbing import CheckpointError, load_model, save_json
 from palettize import load_palettized, projection_names
 from verify_ane import ct, mil_name, mil_types, package_report, quiet, read_package
@@ -81,12 +81,11 @@ class AneAttention(Attention):
         x1, x2 = x.chunk(2, dim=2)                                    # RoPE rotates each head's two halves
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=2).reshape(1, n * self.head_dim, S)
 
-    def forward(self, x, cos, sin, mask, cache):
-        """x (1, dim, 1, S); cos, sin (hd/2, S); additive mask (S_k, S); cache(k, v) stores, returns k, v."""
+    def forward(self, x, cos, sin, cache, mask):
+        """x (1, dim, 1, S); cos, sin (hd/2, S); cache(k, v) stores, returns k, v; additive mask (S_k, S)."""
         hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
-        # ANE principle (fp16 range): scale the queries before the dot product, not the scores after it:
-        # folded into the query norm's gain; without one (qk_norm=False), the rotated queries are scaled (a
-        # scale right after q_proj would be fused into its weight, the LUT).
+        # ANE principle (fp16 range): scale the queries before the dot product, not the scores after it: in
+        # the query norm's gain, or after RoPE without one (right after q_proj, it would fuse into the LUT).
         if isinstance(self.q_norm, RMSNorm):
             q = self._heads(self.q_proj(x), H, cos, sin, self.q_norm.weight * hd ** -0.5)   # (1, H*hd, S)
             k = self._heads(self.k_proj(x), KV, cos, sin, self.k_norm.weight)               # (1, KV*hd, S)
@@ -105,20 +104,12 @@ class AneAttention(Attention):
         return self.o_proj(torch.cat(out, dim=1).unsqueeze(2))
 
 
-class AneBlock(Block):
-    """model.Block: pre-norm attention and feed-forward, each added to the residual."""
-
-    def forward(self, x, cos, sin, mask, cache):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
-        return x + self.ffn(self.ffn_norm(x))
-
-
 class AneTransformer(Transformer):
     """model.Transformer for the Neural Engine, batch 1, its KV cache in two buffers (the Core ML states)."""
     # ANE principle (channels-first data format): every activation is (B, C, 1, S), channels on the second
-    # axis and the sequence on the last, the 4-D layout of the Neural Engine's buffers. model.FeedForward
-    # (SwiGLU) runs as it is, on projections made Conv1x1.
-    ane_classes = {nn.Linear: Conv1x1, RMSNorm: AneNorm, Attention: AneAttention, Block: AneBlock}
+    # axis and the sequence on the last, the 4-D layout of the Neural Engine's buffers. model.Block and
+    # model.FeedForward (SwiGLU) run as they are (Block hands its (cache, pos) on: here cache and mask).
+    ane_classes = {nn.Linear: Conv1x1, RMSNorm: AneNorm, Attention: AneAttention}
 
     def __init__(self, cfg, context: int | None = None):
         super().__init__(cfg)
@@ -130,34 +121,29 @@ class AneTransformer(Transformer):
         for name in ("k_cache", "v_cache"):                                     # (layers, kv*hd, 1, T)
             self.register_buffer(name, torch.zeros(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, 1, T), False)
 
-    def hidden(self, tokens, cos, sin, mask, pos=None):
-        """Hidden states (1, dim, 1, S) of tokens (1, S); keys/values are cached at [0, S), or at `pos`."""
-        x = self.tok_emb(tokens).transpose(1, 2).unsqueeze(2)
-        S = tokens.shape[1]
+    def forward(self, tokens, length_or_pos):
+        """Logits (1, 1, V): prefill(tokens, length) or decode(token, pos), as `mode` says (for jit.trace)."""
+        prefill, S = self.mode == "prefill", tokens.shape[1]
+        if prefill:                  # tokens (1, S), the first `length` (1,) true
+            t = torch.arange(S, dtype=torch.int32)
+            # key j is visible to query i when j <= i and j < length: (S_k, S_q)
+            mask = torch.logical_or(t[:, None] > t[None, :], t[:, None] >= length_or_pos).float() * MASK_VALUE
+            cos, sin = self.rope_cos[:, :S], self.rope_sin[:, :S]
+        else:                        # token (1, 1) at position pos (1,), attending to the cache; cached there
+            pos = length_or_pos
+            cos, sin = torch.index_select(self.rope_cos, 1, pos), torch.index_select(self.rope_sin, 1, pos)
+            mask = (torch.arange(self.context, dtype=torch.int32)[:, None] > pos).float() * MASK_VALUE
+        x = self.tok_emb(tokens).transpose(1, 2).unsqueeze(2)                 # (1, dim, 1, S)
         for i, layer in enumerate(self.layers):
             def cache(k, v, i=i):
-                if pos is None:   # prefill: attend to this chunk's own keys; store them at [0, S)
+                if prefill:          # attend to this chunk's own keys; store them at [0, S)
                     self.k_cache[i:i + 1, :, :, :S], self.v_cache[i:i + 1, :, :, :S] = k, v
                     return k, v
                 self.k_cache[i:i + 1, :, :, pos:pos + 1], self.v_cache[i:i + 1, :, :, pos:pos + 1] = k, v
                 return self.k_cache[i:i + 1], self.v_cache[i:i + 1]
-            x = layer(x, cos, sin, mask, cache)
-        return x
-
-    def forward(self, tokens, length_or_pos):
-        """Logits (1, 1, V): prefill(tokens, length) or decode(token, pos), as `mode` says (for jit.trace)."""
-        if self.mode == "prefill":   # tokens (1, P), the first `length` (1,) true: the last true one
-            P = tokens.shape[1]
-            t = torch.arange(P, dtype=torch.int32)
-            # key j is visible to query i when j <= i and j < length: (S_k, S_q)
-            mask = torch.logical_or(t[:, None] > t[None, :], t[:, None] >= length_or_pos).float() * MASK_VALUE
-            x = self.hidden(tokens, self.rope_cos[:, :P], self.rope_sin[:, :P], mask)
+            x = layer(x, cos, sin, cache, mask)
+        if prefill:                  # the last true token's
             x = torch.index_select(x, 3, length_or_pos - 1)
-        else:                        # token (1, 1) at position pos (1,), attending to the cache; cached there
-            pos = length_or_pos
-            cos, sin = torch.index_select(self.rope_cos, 1, pos), torch.index_select(self.rope_sin, 1, pos)
-            blocked = torch.arange(self.context, dtype=torch.int32)[:, None] > pos
-            x = self.hidden(tokens, cos, sin, blocked.float() * MASK_VALUE, pos=pos)
         x = self.norm(x).squeeze(2).transpose(1, 2)                    # (1, 1, dim) -> logits, the tied head:
         return F.linear(x, self.tok_emb.weight)    # the embedding as stored (V, dim): one constant, two uses
 
@@ -250,8 +236,7 @@ def put_weights(prog, weights: dict, emb: dict) -> None:
     todo[key(emb["dense"].numpy())] = "tok_emb"
     for op in list(func.operations):
         v = op.outputs[0]
-        if op.op_type != "const" or v.dtype != mil_types.fp16 or not isinstance(v.val, np.ndarray) \
-                or key(v.val) not in todo:
+        if op.op_type != "const" or v.dtype != mil_types.fp16 or key(v.val) not in todo:
             continue
         name = todo.pop(key(v.val))
         w, mil = weights.get(name, {"lut": None}), mil_name(f"{name}.weight")
@@ -262,12 +247,11 @@ def put_weights(prog, weights: dict, emb: dict) -> None:
             elif w["lut"] is None:
                 new = mb.const(val=v.val, name=mil, before_op=op)
             else:
-                lut = w["lut"].numpy()
                 uint = mil_types.nptype_from_builtin(mil_types.string_to_builtin(f"uint{w['bits']}"))
                 # rank 6: Core ML's per-grouped-channel LUT of a conv weight (out, in, 1, 1) is one table per
                 # 16 output channels along axis 0, size 1 on the other weight axes, K entries, vector size 1
                 new = mb.constexpr_lut_to_dense(indices=w["indices"].numpy()[:, :, None, None].astype(uint),
-                                                lut=lut.reshape(lut.shape[0], 1, 1, 1, lut.shape[1], 1),
+                                                lut=w["lut"].numpy()[:, None, None, None, :, None],
                                                 name=mil, before_op=op)
             func.replace_uses_of_var_after_op(anchor_op=op, old_var=v, new_var=new)
             func.remove_ops([op])

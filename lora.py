@@ -77,9 +77,9 @@ def adapters(model: nn.Module) -> dict[str, LoRALinear]:
 
 
 def targeted_layers(model: nn.Module, targets) -> dict[str, nn.Module]:
-    """{name: module} of the linear-like modules whose last name component is in `targets` (not LoRA ones)."""
-    return {name: m for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in targets
-            and hasattr(m, "in_features") and not isinstance(m, LoRALinear)}
+    """{name: module} of the linear-like modules (LoRALinear once attached) whose last name is in targets."""
+    return {name: m for name, m in model.named_modules()
+            if name.rsplit(".", 1)[-1] in targets and hasattr(m, "in_features")}
 
 
 def add_adapters(model: nn.Module, rank: int = 16, alpha: float = 32.0, targets=PROJECTIONS) -> list[str]:
@@ -145,11 +145,11 @@ def save_adapter(path: str, model: nn.Module, name: str, **extra) -> None:
                     adapter=tensors, **extra)
 
 
-def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
+def load_adapter(path: str, model: nn.Module) -> dict:
     """Put the adapter in `path` onto `model` in place (attaching adapters with the file's rank, alpha and
     targets, or swapping the values of those attached) and return its checkpoint dict. Refuses, with a
     one-line AdapterError and `model` untouched, an adapter of another base, rank or targets."""
-    ckpt = load_checkpoint(path, "adapter", map_location)
+    ckpt = load_checkpoint(path, "adapter")
     cfg, fp = ckpt["config"], fingerprint(model)
     if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg)
             and isinstance(ckpt.get("adapter"), dict)):
@@ -161,8 +161,7 @@ def load_adapter(path: str, model: nn.Module, map_location="cpu") -> dict:
     if attached and (attached["rank"], set(attached["targets"])) != (r, set(targets)):
         raise AdapterError(f"{path}: rank {r}, targets {','.join(targets)} do not match the attached "
                            f"adapters' rank {attached['rank']}, targets {','.join(attached['targets'])}")
-    layers = {n: m.base for n, m in adapters(model).items()} if attached else targeted_layers(model, targets)
-    want = {k: s for n, m in layers.items()
+    want = {k: s for n, m in targeted_layers(model, targets).items()
             for k, s in ((f"{n}.lora_A", (r, m.in_features)), (f"{n}.lora_B", (m.out_features, r)))}
     got = {k: tuple(v.shape) for k, v in ckpt["adapter"].items()}
     if got != want:
@@ -365,7 +364,6 @@ def train_task(a, base, t0) -> dict:
             + (f"closed {closed:.1%}" if closed is not None else f"{gap:+.5f}: within noise")
             + ("" if matched is None else f"; the float model given the same adapter training reaches "
                f"{bpb_ctrl:.4f}, so the matched gap closed is {matched:.1%}"))
-        extra = {"loss": a.loss}
     else:
         orig_end = val_bpb(base, orig_val, a)
         report = {"task": a.task, "data": a.data, "init": a.init,
@@ -375,11 +373,11 @@ def train_task(a, base, t0) -> dict:
                   "forgetting": orig_end - orig_start, **common}
         log(f"{a.base_data} val bpb {orig_start:.4f} -> {orig_end:.4f} "
             f"(forgetting {orig_end - orig_start:+.4f})")
-        extra = {"init": a.init}
     report["seconds"], name = time.time() - t0, a.task + ("" if recovery or a.init == "recovery" else "_zero")
     json_name = "lora_recovery.json" if recovery else f"lora_{a.task}_{a.init}.json"
     path = os.path.join(a.out_dir, f"adapter_{name}.pt")
     if a.leader:
+        extra = {"loss": a.loss} if recovery else {"init": a.init}
         save_adapter(path, base, name.removesuffix("_zero"), **extra, val_bpb=curve[done], steps=done)
         report["adapter_bytes"] = os.path.getsize(path)
         save_json(os.path.join(a.out_dir, json_name), report)

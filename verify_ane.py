@@ -72,9 +72,8 @@ def check_weights(prog, weights: dict, emb: dict) -> dict:
             op = ops.get(mil_name(f"{name}.weight"))
             kind = "0 ops" if op is None else op.op_type
             if w.get("lut") is not None:      # the LUT as put_weights shapes it; the indices as uint{bits}
-                lut = w["lut"].numpy()
                 ok = kind == "constexpr_lut_to_dense" \
-                    and same(op.lut.val, lut.reshape(-1, 1, 1, 1, lut.shape[1], 1)) \
+                    and same(op.lut.val, w["lut"].numpy()[:, None, None, None, :, None]) \
                     and mil_types.builtin_to_string(op.indices.dtype) == f"uint{w['bits']}" \
                     and same(np.asarray(op.indices.val, np.uint8), w["indices"].numpy()[:, :, None, None])
                 lut_layers.update([name] if ok else [])
@@ -82,8 +81,7 @@ def check_weights(prog, weights: dict, emb: dict) -> dict:
                 ok = kind == "constexpr_blockwise_shift_scale" and same(op.scale.val, w["scale"].numpy()) \
                     and same(op.data.val.astype(np.int8), w["int8"].numpy())
             else:
-                dense = w["dense"].numpy()
-                ok = kind == "const" and same(op.outputs[0].val.reshape(dense.shape), dense)
+                ok = kind == "const" and same(op.val.val.reshape(w["dense"].shape), w["dense"].numpy())
             if ok and name == "tok_emb":      # one constant for the token lookup and the tied head
                 ok = {"gather", "linear"} <= {c.op_type for c in op.outputs[0].child_ops}
             if not ok:
@@ -124,9 +122,8 @@ class NumpyProgram:
                 out = states[op.input.name].copy()
             elif t == "coreml_update_state":
                 states[op.state.name] = out = env[op.value.name].copy()
-            elif t == "silu":
-                x = f32(op.x)
-                out = x * 0.5 * (1 + np.tanh(x / 2))
+            elif t == "silu":                        # x * sigmoid(x)
+                out = f32(op.x) * 0.5 * (1 + np.tanh(f32(op.x) / 2))
             elif t == "conv":                        # 1x1 only: squeeze((2, 3)) fails on a larger kernel
                 w = f32(op.weight).squeeze((2, 3))                                  # (out, in)
                 out = np.einsum("oi,bihw->bohw", w, f32(op.x)) + f32(op.bias).reshape(1, -1, 1, 1)
@@ -158,9 +155,8 @@ def verify_text(vocab_size: int, n: int, tokenizer=None) -> torch.Tensor:
 
 def compare_logits(load, model, adapter_list, tokens, prefill_len: int, lengths, steps: int, bar) -> list:
     """Per position: (max |logit diff|, same argmax, PyTorch's top-2 margin, max |logit|) vs the model."""
-    # load(function name) -> (run(inputs, states)["logits"], new_states()). For the base and each adapter and
-    # each prompt length L: prefill tokens[:L] (zero-padded), then `steps` decode steps fed the next true
-    # tokens; the PyTorch model, with the adapter file attached, runs the whole sequence at once.
+    # load(function) -> (run, new_states). The base and each adapter, each prompt length L: prefill tokens[:L]
+    # zero-padded, then decode the next `steps` true tokens; PyTorch, adapter attached, runs them all at once.
     rows = []
     for ad in [None, *adapter_list]:
         tag = f"_{ad['name']}" if ad else ""
@@ -206,8 +202,7 @@ def logit_verdict(rows) -> dict:
     return r
 
 
-def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, context: int,
-                 tokenizer=None) -> dict:
+def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, context: int, tokenizer) -> dict:
     """Every prefill/decode pair run in numpy against PyTorch (logit_verdict), and by Core ML on macOS."""
     steps = max(0, min(8, context - prefill_len))
     lengths = sorted({prefill_len, max(1, prefill_len // 2 + 1), max(1, prefill_len // 4)})
