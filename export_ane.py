@@ -82,7 +82,8 @@ class AneAttention(Attention):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=2).reshape(1, n * self.head_dim, S)
 
     def forward(self, x, cos, sin, cache, mask):
-        """x (1, dim, 1, S); cos, sin (hd/2, S); cache(k, v) stores, returns k, v; additive mask (S_k, S)."""
+        """x (1, dim, 1, S); cos, sin (hd/2, S); cache(k, v) stores, returns k, v; additive mask (S_k, S),
+        which the unchanged model.Block hands on in the slot where model.Attention takes `pos`."""
         hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
         # ANE principle (fp16 range): scale the queries before the dot product, not the scores after it: in
         # the query norm's gain, or after RoPE without one (right after q_proj, it would fuse into the LUT).
@@ -142,7 +143,7 @@ class AneTransformer(Transformer):
                 self.k_cache[i:i + 1, :, :, pos:pos + 1], self.v_cache[i:i + 1, :, :, pos:pos + 1] = k, v
                 return self.k_cache[i:i + 1], self.v_cache[i:i + 1]
             x = layer(x, cos, sin, cache, mask)
-        if prefill:                  # the last true token's
+        if prefill:                  # keep only the last true token: (1, dim, 1, 1)
             x = torch.index_select(x, 3, length_or_pos - 1)
         x = self.norm(x).squeeze(2).transpose(1, 2)                    # (1, 1, dim) -> logits, the tied head:
         return F.linear(x, self.tok_emb.weight)    # the embedding as stored (V, dim): one constant, two uses
@@ -361,7 +362,7 @@ def export(a: argparse.Namespace) -> dict:
         names = [ad["name"] for ad in adapter_list]
         raise ExportError(f"two adapters are both named {max(names, key=names.count)!r}")
     weights, emb = projection_weights(model), embedding_weights(model)
-    ane = AneTransformer(cfg, context).eval()         # the Neural Engine twin, a palettized `.weight` dense
+    ane = AneTransformer(cfg, context).eval()         # the Neural Engine twin; `.weight` decoded
     ane.load_state_dict({key: operator.attrgetter(key)(model) for key in ane.state_dict()})
     bits = [w["bits"] for w in weights.values()]
     print(f"base: {ckpt} ({cfg.name}, {compression}, {len(bits) - bits.count(16)}/{len(bits)} projections "

@@ -342,8 +342,9 @@ def train_task(a, base, t0) -> dict:
               "seq_len": a.seq_len, "seed": a.seed, "seconds": time.time() - t0, "train_seconds": t_train,
               "base": a.base, "device": str(a.device)}
     if recovery:
-        bpb_rec, bpb_ctrl = curve[done], bpb_float if a.loss == "kl" else None   # KL: the float model is
-        if a.loss != "kl" and a.control and done == a.iters:                    # its own teacher
+        bpb_rec = curve[done]
+        bpb_ctrl = bpb_float if a.loss == "kl" else None     # under KL the float model is its own teacher
+        if a.loss != "kl" and a.control and done == a.iters:
             log("control: the same adapter training on the float model ...")
             student = copy.deepcopy(teacher)                      # a frozen copy stays the teacher
             torch.manual_seed(a.seed)

@@ -81,7 +81,8 @@ def rope_tables(head_dim: int, max_seq_len: int, base: float):
 
 
 def apply_rope(x, cos, sin):
-    """x (B, heads, T, hd) with each pair (x[..., i], x[..., i + hd/2]) rotated by its position's angle."""
+    """x (B, heads, T, hd) with each pair (x[..., i], x[..., i + hd/2]) rotated by its position's angle;
+    cos, sin (T, hd/2)."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)

@@ -7,8 +7,9 @@ Follows section 5 (its optimizations) of Gunter et al. 2024, "Apple Intelligence
 tables group them; its lookup table (LUT) holds 2**bits fp16 values chosen by k-means over its weights, and
 a weight keeps only the index of its nearest entry. The tied embedding gets 8 bits; the norm gains stay float.
 
-Sections 1-5 are the plain version, in reading order. The appendix is the fast path (the default): the same
-k-means on fp16 histograms, all groups of many layers at once (2.6B weights in half a second on one GPU).
+Sections 1-5 in reading order; `kmeans` is the plain k-means. The appendix is the fast path they call by
+default (`--kmeans plain` and `plain=True` do not): the same k-means on fp16 histograms, all groups of many
+layers at once (2.6B weights in half a second on one GPU).
 
     python palettize.py                       # out/ckpt.pt -> out/palettized.pt + palettize.json, 3.7 bpw
     python palettize.py --bits 4              # uniform 4-bit
@@ -239,7 +240,8 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     """Palettize every float projection in place (bits: int or {layer: bits}; importance: {layer: tensor like
     the weight}) after checking all, and the embedding to 8 bits. Returns [{name, bits, mse, rel_mse}]."""
     importance = importance or {}
-    layers = {n: m for n in projection_names(model) if isinstance(m := model.get_submodule(n), nn.Linear)}
+    layers = {n: model.get_submodule(n) for n in projection_names(model)}
+    layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}      # the float ones, not yet done
     bits_of = {n: bits if isinstance(bits, int) else bits.get(n) for n in layers}
     for n, m in layers.items():                             # a layer missing from bits: unsupported bits None
         _check_weight(m.weight, bits_of[n], group_size, n, importance.get(n))
@@ -247,9 +249,11 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     for b in sorted(set(bits_of.values())):        # layers of equal bits go through one fast k-means together
         part = [n for n in layers if bits_of[n] == b]
         ws, imps = [layers[n].weight for n in part], [importance.get(n) for n in part]
-        res = [palettize_weight(w, b, group_size, imp, plain=True) for w, imp in zip(ws, imps)] if plain \
-            else palettize_weights(ws, b, group_size, imps, part, progress=bar.update)
-        bar.update(len(part) if plain else 0)                     # (the fast path reports its own progress)
+        if plain:
+            res = [palettize_weight(w, b, group_size, imp, plain=True) for w, imp in zip(ws, imps)]
+            bar.update(len(part))
+        else:                                                     # the fast path reports its own progress
+            res = palettize_weights(ws, b, group_size, imps, part, progress=bar.update)
         for n, w, (lut, idx) in zip(part, ws, res):
             err = (dequantize(lut, idx, group_size) - w.float()).pow(2).mean().item()
             power = w.float().pow(2).mean().item()
@@ -394,12 +398,12 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
         rise = loss_rise(model, names, 2, a.group_size, importance, batches=batches)
     elif a.bpw is not None:                                         # the estimated rise from 4 to 2 bits
         fisher = importance if importance is not None else fisher_information(model, batches, names)
-        s2, s4 = (loss_rise(model, names, b, a.group_size, importance, fisher) for b in (2, 4))
+        s2, s4 = (loss_rise(model, names, b, a.group_size, importance, fisher=fisher) for b in (2, 4))
         rise = {n: s2[n] - s4[n] for n in names}
     bits = allocate_bits(shapes, rise, a.bpw, a.group_size) if rise else dict.fromkeys(names, a.bits)
     t = time.time()
     report = palettize_model(model, bits, a.group_size, importance, progress=True, plain=a.kmeans == "plain")
-    t_pal, bpb_pal = time.time() - t, val_bpb(model, val, a)      # (its per-layer .item() waited for the GPU)
+    t_pal, bpb_pal = time.time() - t, val_bpb(model, val, a)      # (palettize_model's .item() synchronised)
     out = {"ckpt": a.ckpt, "config": model.config.name, "data": a.data, "seq_len": a.seq_len,
            "group_size": a.group_size, "target_bpw": a.bpw, "uniform_bits": a.bits,
            "sensitivity": a.sensitivity, "alloc": a.alloc if a.bpw is not None else None, "kmeans": a.kmeans,
@@ -597,7 +601,7 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
 def palettize_weights(ws, bits: int = 4, group_size: int = 16, importances=None, names=None,
                       max_bins: int | None = None, progress=None) -> list:
     """[palettize_weight(w) for w in ws], all their groups through one k-means per chunk of at most `max_bins`
-    histogram bins (~100 GPU ops per chunk); `progress`, if given, gets the count of weights done."""
+    histogram bins (~100 GPU ops per chunk); `progress`, if given, gets the number of layers done."""
     importances = importances or [None] * len(ws)
     for i, (w, imp) in enumerate(zip(ws, importances)):
         _check_weight(w, bits, group_size, names[i] if names else f"weight {i}", imp)

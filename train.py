@@ -9,7 +9,7 @@ distillation from a teacher whose top-1 prediction gets weight 0.9 in the target
     python train.py                                  # `tiny` on the World English Bible, 2 CPU cores, minutes
     python train.py --resume                         # continue an interrupted run from out/ckpt.pt
     python train.py --config small --device cuda --compile --batch-size 64                  # one GPU
-    torchrun --nproc_per_node 8 train.py --config afm-on-device --compile --batch-size 64   # 8 GPUs (--fsdp)
+    torchrun --nproc_per_node 8 train.py --config afm-on-device --compile --batch-size 64   # 8 GPUs, DDP
 
 Writes out/ckpt.pt (model, config, and what --resume needs: optimizer, step, sampler RNG, losses) and
 out/train.json. The checkpoint is rewritten atomically every --ckpt-every seconds and on Ctrl-C.
@@ -19,6 +19,7 @@ import contextlib
 import math
 import os
 import signal
+import threading
 import time
 from dataclasses import asdict
 
@@ -230,7 +231,8 @@ def main(argv=None) -> dict:
         if stop:
             raise KeyboardInterrupt
         stop.append(1)
-    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    main_thread = threading.current_thread() is threading.main_thread()     # signals reach it alone
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM) if main_thread}
 
     # throughput counts training steps only (no eval, no checkpoint), after the first few (compilation)
     first_timed = step + min(5, max(0, iters - step - 1))
@@ -259,15 +261,16 @@ def main(argv=None) -> dict:
             step += 1
             pending.append(total)
             bar.update(1)
-            if (step % log_every and step % s["eval_every"] and step not in (iters, args.stop_at, first_timed)
-                    and not (stop and world == 1)):
+            log = (step % log_every == 0 or step % s["eval_every"] == 0
+                   or step in (iters, args.stop_at, first_timed) or (stop and world == 1))
+            if not log:
                 continue
             t = torch.stack(pending).float()                           # one sync per log
             if dist.is_initialized():
                 dist.all_reduce(t)
             losses.extend((t / world).tolist())                      # the mean over ranks
             pending.clear()
-            if step > first_timed:                     # first_timed is always logged, so: every step after it
+            if step > first_timed:                     # t_mark: the last log, first_timed or later
                 timed_seconds += time.perf_counter() - t_mark
             tok_s = (step - first_timed) * B * T * accum / timed_seconds if timed_seconds else 0.0
             mfu = flops_tok * tok_s / (world * H200_BF16_PEAK) if device.type == "cuda" else None
