@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import train
 from data import load_splits
 from model import CONFIGS, Transformer
+from conftest import torchrun_output, twice_if_a_worker_aborts
 from plumbing import load_model, save_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -257,29 +258,16 @@ def test_learning_rate_schedule_and_decay_groups():
 
 def torchrun(corpus, out, *extra):
     """train.py under torchrun with 2 CPU processes; returns its combined output."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        os.path.join(ROOT, "train.py"),
-        "--data",
-        corpus,
-        "--out-dir",
-        str(out),
-        *FAST,
-        *extra,
-    ]
-    p = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
-    )
-    assert p.returncode == 0, p.stderr[-2000:]
-    return p.stdout + p.stderr
+    script = os.path.join(ROOT, "train.py")
+    return torchrun_output(script, "--data", corpus, "--out-dir", str(out), *FAST, *extra)
 
 
 @pytest.mark.parametrize("sharding", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
 def test_torchrun_matches_one_process_and_resumes(corpus, tmp_path, sharding):
+    twice_if_a_worker_aborts(lambda folder: torchrun_matches_one_process(corpus, folder, sharding), tmp_path)
+
+
+def torchrun_matches_one_process(corpus, tmp_path, sharding):
     steps = ["--iters", "6", "--grad-accum", "2"]
     one = run(corpus, tmp_path / "one", *steps)
     log = torchrun(corpus, tmp_path / "two", *steps, *sharding, "--stop-at", "3")
