@@ -26,7 +26,8 @@ def torchrun_output(script: str, *args: str) -> str:
 def twice_if_a_worker_aborts(body, folder):
     """body(folder / "try1"), and once more in a fresh folder if a worker died of SIGABRT. On these 2 CPUs a
     gloo worker aborted once in about 16 runs of the suite (not reproduced in 15 reruns; the cause, likely in
-    gloo's transport or teardown, was not found): a crash, not a wrong result. A second abort fails the test."""
+    gloo's transport or teardown, was not found): a crash, not a wrong result. A second abort fails the
+    test."""
     try:
         return body(folder / "try1")
     except WorkerAborted:
