@@ -43,7 +43,7 @@ class BPETokenizer:
         self.cache = {t: [i] for i, (t, k) in enumerate(zip(self.tokens, self.token_types)) if k in (3, 4)}
         special = sorted(self.cache, key=len, reverse=True)   # cache: pre-token -> ids, first the specials
         byte_of = {c: b for b, c in enumerate(self.byte_chars)}
-        self.token_bytes = [t.encode() if t in special or not set(t) <= byte_of.keys()
+        self.token_bytes = [t.encode() if t in self.cache or not set(t) <= byte_of.keys()
                             else bytes(byte_of[c] for c in t) for t in self.tokens]
         self.special_re = re.compile(f"({'|'.join(map(re.escape, special)) or '(?!)'})")  # (?!): no match
 

@@ -47,6 +47,12 @@ def tokenizer_from_checkpoint(ckpt: dict) -> BPETokenizer | None:
     return BPETokenizer(**ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
 
 
+def corpus_from_checkpoint(ckpt: dict) -> str:
+    """The corpus a checkpoint's model learned: the "data" of its training settings or report, else bible."""
+    run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
+    return run.get("data") or "bible"
+
+
 def encode(text: str, tokenizer: BPETokenizer | None = None) -> torch.Tensor:
     """str -> (N,) uint8 byte tokens, or (N,) int64 ids of `tokenizer` when given."""
     if tokenizer is not None:

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, get_batch, load_splits, tokenizer_from_checkpoint
+from data import DataError, corpus_from_checkpoint, get_batch, load_splits, tokenizer_from_checkpoint
 from plumbing import (CheckpointError, init_distributed, load_checkpoint, load_model, save_checkpoint,
                       save_json)
 from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palettized, val_bpb
@@ -281,8 +281,7 @@ def main(argv=None):
         a.lr, a.iters = a.lr or (2e-3 if recovery else 1e-3), a.iters or (300 if recovery else 100)
         float_base = a.eval and load_checkpoint(a.base, kind=None)["kind"] == "model"
         base, ckpt = load_model(a.base) if float_base else load_palettized(a.base)
-        run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
-        a.base_data = run.get("data") or "bible"     # the corpus the base learned
+        a.base_data = corpus_from_checkpoint(ckpt)                   # the corpus the base learned
         a.data = a.data or (a.base_data if recovery or a.eval else a.task)
         a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len
         if a.seq_len > base.config.max_seq_len:

@@ -26,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import DataError, evaluate, get_batch, load_splits, tokenizer_from_checkpoint
+from data import (DataError, corpus_from_checkpoint, evaluate, get_batch, load_splits,
+                  tokenizer_from_checkpoint)
 from model import Transformer, count_params
 from plumbing import (CheckpointError, config_from_dict, init_distributed, load_checkpoint, load_model,
                       save_checkpoint, save_json)
@@ -374,7 +375,7 @@ def palettize_checkpoint(a: argparse.Namespace, t_start: float) -> dict:
     a.device, a.ckpt = str(init_distributed(a.device)[2]), a.ckpt or os.path.join(a.out_dir, "ckpt.pt")
     model, ckpt = load_model(a.ckpt)
     settings = (ckpt.get("train_state") or {}).get("settings") or {}
-    a.data = a.data or settings.get("data") or "bible"
+    a.data = a.data or corpus_from_checkpoint(ckpt)
     a.seq_len = a.seq_len or settings.get("seq_len") or model.config.max_seq_len
     if a.seq_len > model.config.max_seq_len:
         raise PalettizeError(f"--seq-len {a.seq_len} exceeds the model's {model.config.max_seq_len}")

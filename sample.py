@@ -11,7 +11,7 @@ import argparse
 
 import torch
 
-from data import DataError, decode, encode, load_text, tokenizer_from_checkpoint
+from data import DataError, corpus_from_checkpoint, decode, encode, load_text, tokenizer_from_checkpoint
 from lora import AdapterError, load_adapter
 from plumbing import CheckpointError, load_checkpoint, load_model
 from palettize import load_palettized
@@ -45,8 +45,7 @@ def main(argv=None) -> str:
             from pretrained import chat_answer
             text = chat_answer(model, tokenizer, a.chat, a.max_new_tokens)
         else:
-            run = (ckpt.get("train_state") or {}).get("settings") or ckpt.get("report") or {}
-            prompt = a.prompt if a.prompt is not None else load_text(run.get("data") or "bible")[:24]
+            prompt = a.prompt if a.prompt is not None else load_text(corpus_from_checkpoint(ckpt))[:24]
             prompt = encode(prompt, tokenizer).long()[None]                     # (1, T)
             if prompt.shape[1] == 0:
                 raise DataError("--prompt is empty: give at least one token to continue")

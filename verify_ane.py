@@ -256,8 +256,11 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
     mine -= set().union(*(b for f, b in blobs.items() if f not in fnames))
     program = sum(spec.mlProgram.functions[f].ByteSize() for f in fnames)
     program += sum(d.ByteSize() for d in spec.description.functions if d.name in fnames)
-    sizes = [np.fromfile(_data(path, "weights", "weight.bin"), "<u8", 1, offset=off + 8)[0] for off in mine]
-    weights = sum(64 + (int(n) + 63) // 64 * 64 for n in sizes)
+    weights = 0
+    with open(_data(path, "weights", "weight.bin"), "rb") as fh:      # opened once for all the blobs
+        for off in mine:
+            fh.seek(off + 8)                                          # the blob's data size, after its header
+            weights += 64 + (int.from_bytes(fh.read(8), "little") + 63) // 64 * 64
     return program, weights, sum(decl[f] for f in fnames)
 
 
