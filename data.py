@@ -81,9 +81,8 @@ def load_splits(name: str = "bible", min_len: int = 1,
         train, val = (encode(bytes(p.numpy()).decode("utf-8", "surrogateescape"), tokenizer)
                       for p in (train, val))
     if min(len(train), len(val)) < min_len + 1:
-        unit = "tokens" if tokenizer else "bytes"
-        raise DataError(f"{name}: corpus of {len(data):,} bytes is too short for a context window of "
-                        f"{min_len} (train {len(train):,}, validation {len(val):,} {unit})")
+        raise DataError(f"{name}: corpus of {len(data):,} bytes is too short for a context of {min_len} "
+                        f"(train {len(train):,}, val {len(val):,} {'tokens' if tokenizer else 'bytes'})")
     return train, val
 
 

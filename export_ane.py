@@ -17,7 +17,6 @@ import hashlib
 import itertools
 import operator
 import os
-import shutil
 import string
 import tempfile
 import time
@@ -41,8 +40,7 @@ from coremltools.converters.mil.mil.scope import ScopeInfo, ScopeSource
 MASK_VALUE = -1e4   # additive attention mask: exp(-1e4) is 0 in fp16, and -1e4 + a score cannot overflow fp16
 
 
-# ----------------------------------------------------------------------------------------------------------
-# model.Transformer in the Neural Engine layout: its own modules and parameters, other forwards
+# -- model.Transformer in the Neural Engine layout: its own modules and parameters, other forwards -----------
 
 def ane_rms_norm(x, weight, eps: float, dim: int):
     """RMSNorm of x over `dim` (model.RMSNorm's value), computed so that it cannot overflow in fp16."""
@@ -82,8 +80,7 @@ class AneAttention(Attention):
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=2).reshape(1, n * self.head_dim, S)
 
     def forward(self, x, cos, sin, cache, mask):
-        """x (1, dim, 1, S); cos, sin (hd/2, S); cache(k, v) stores, returns k, v; additive mask (S_k, S),
-        which the unchanged model.Block hands on in the slot where model.Attention takes `pos`."""
+        """x (1, dim, 1, S); cos, sin (hd/2, S); cache(k, v) stores, returns k, v; additive mask (S_k, S)."""
         hd, H, KV = self.head_dim, self.n_heads, self.n_kv_heads
         # ANE principle (fp16 range): scale the queries before the dot product, not the scores after it: in
         # the query norm's gain, or after RoPE without one (right after q_proj, it would fuse into the LUT).
@@ -136,12 +133,10 @@ class AneTransformer(Transformer):
             mask = (torch.arange(self.context, dtype=torch.int32)[:, None] > pos).float() * MASK_VALUE
         x = self.tok_emb(tokens).transpose(1, 2).unsqueeze(2)                 # (1, dim, 1, S)
         for i, layer in enumerate(self.layers):
-            def cache(k, v, i=i):
-                if prefill:          # attend to this chunk's own keys; store them at [0, S)
-                    self.k_cache[i:i + 1, :, :, :S], self.v_cache[i:i + 1, :, :, :S] = k, v
-                    return k, v
-                self.k_cache[i:i + 1, :, :, pos:pos + 1], self.v_cache[i:i + 1, :, :, pos:pos + 1] = k, v
-                return self.k_cache[i:i + 1], self.v_cache[i:i + 1]
+            def cache(k, v, i=i):    # stored at [0, S) (prefill: attends to this chunk's own keys) or at pos
+                at = slice(None, S) if prefill else slice(pos, pos + 1)
+                self.k_cache[i:i + 1, :, :, at], self.v_cache[i:i + 1, :, :, at] = k, v
+                return (k, v) if prefill else (self.k_cache[i:i + 1], self.v_cache[i:i + 1])
             x = layer(x, cos, sin, cache, mask)
         if prefill:                  # keep only the last true token: (1, dim, 1, 1)
             x = torch.index_select(x, 3, length_or_pos - 1)
@@ -149,8 +144,7 @@ class AneTransformer(Transformer):
         return F.linear(x, self.tok_emb.weight)    # the embedding as stored (V, dim): one constant, two uses
 
 
-# ----------------------------------------------------------------------------------------------------------
-# What gets exported: the base model, its projections' LUTs, the embedding, the adapters
+# -- What gets exported: the base model, its projections' LUTs, the embedding, the adapters ------------------
 
 class ExportError(Exception):
     """Bad input or a failed step of the export; the message is one line."""
@@ -158,10 +152,9 @@ class ExportError(Exception):
 
 def load_base(path: str) -> tuple:
     """(model, "palettized" | "fp16", its tokenizer or None); a float checkpoint is exported in fp16."""
-    if not os.path.isfile(path):
-        alt = os.path.join(os.path.dirname(path), "ckpt.pt")
-        hint = f" (run `python palettize.py` first, or pass --ckpt {alt} for an fp16 export)"
-        raise ExportError(f"{path}: no such file{hint if path.endswith('palettized.pt') else ''}")
+    if not os.path.isfile(path) and path.endswith("palettized.pt"):   # any other: load_palettized says so
+        raise ExportError(f"{path}: no such file (run `python palettize.py` first, or pass --ckpt "
+                          f"{os.path.join(os.path.dirname(path), 'ckpt.pt')} for an fp16 export)")
     try:
         is_float = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("kind") == "model"
     except Exception:
@@ -195,17 +188,15 @@ def read_adapter(path: str, base: Transformer) -> dict:
     except (AdapterError, CheckpointError) as e:
         hint = " -- train it on this base with lora.py, or leave it out with --adapters"
         raise ExportError(f"{e}{hint if 'different base' in str(e) else ''}") from None
-    mods = adapters(base)
-    tensors = {n: (sd[f"{n}.lora_A"].half(), sd[f"{n}.lora_B"].half()) for n in mods}
-    scale = {m.scale for m in mods.values()}.pop()
+    tensors = {n: (sd[f"{n}.lora_A"].half(), sd[f"{n}.lora_B"].half()) for n in adapters(base)}
+    scale = {m.scale for m in adapters(base).values()}.pop()
     remove_adapters(base)
     # functions are named after the file (adapter_pydoc_zero.pt -> prefill_pydoc_zero): unique per folder
     name = mil_name(os.path.basename(path).removesuffix(".pt").removeprefix("adapter_"))
     return {"name": name, "path": path, "scale": float(scale), "tensors": tensors}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# PyTorch -> MIL: trace one function, put our weights in, add an adapter, save compacted
+# -- PyTorch -> MIL: trace one function, put our weights in, add an adapter, save compacted ------------------
 
 def mil_program(ane: AneTransformer, mode: str, prefill_len: int):
     """The MIL program of `ane` in `mode` ("prefill" | "decode"), traced and converted; caches as states."""
@@ -330,19 +321,17 @@ def replace_path(src: str, dst: str) -> None:
     """Move `src` to `dst`: `dst` is always the old complete package or the new one, never half of one."""
     if not os.path.lexists(dst):
         return os.rename(src, dst)
-    old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(dst)), prefix=".old-")
-    os.rename(dst, os.path.join(old, "previous"))
-    try:
-        os.rename(src, dst)
-    except BaseException:
-        os.rename(os.path.join(old, "previous"), dst)
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(dst)), prefix=".old-",
+                                     ignore_cleanup_errors=True) as old:
+        os.rename(dst, os.path.join(old, "previous"))
+        try:
+            os.rename(src, dst)
+        except BaseException:
+            os.rename(os.path.join(old, "previous"), dst)
+            raise
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The export and its command line
+# -- The export and its command line -------------------------------------------------------------------------
 
 def export(a: argparse.Namespace) -> dict:
     """Write OUT_DIR/afm.mlpackage and OUT_DIR/export.json as the parsed arguments say; returns the report."""
@@ -370,10 +359,10 @@ def export(a: argparse.Namespace) -> dict:
     stage_s, t = {"load": time.time() - t}, time.time()
     os.makedirs(a.out_dir, exist_ok=True)
     dst = os.path.join(a.out_dir, "afm.mlpackage")
-    work = tempfile.mkdtemp(prefix=".tmp-export-", dir=a.out_dir)
     fnames = ["prefill", "decode", *(f"{m}_{n}" for n in by_name for m in ("prefill", "decode"))]
-    paths = {f: os.path.join(work, f"{f}.mlpackage") for f in fnames}     # function -> its own package
-    try:
+    with tempfile.TemporaryDirectory(prefix=".tmp-export-", dir=a.out_dir,
+                                     ignore_cleanup_errors=True) as work:
+        paths = {f: os.path.join(work, f"{f}.mlpackage") for f in fnames}     # function -> its own package
         for fname in tqdm(fnames, desc="export", unit="function"):
             mode, adapter, name = fname.partition("_")
             if adapter:                                   # an adapter, on a fresh copy of its base function
@@ -389,8 +378,6 @@ def export(a: argparse.Namespace) -> dict:
         save_package(paths, os.path.join(work, "afm.mlpackage"))
         replace_path(os.path.join(work, "afm.mlpackage"), dst)     # kept from here on, even if unverified
         stage_s["save"] = time.time() - t
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     report = {"ckpt": ckpt, "config": cfg.name, "compression": compression, "prefill_len": prefill_len,
               "context": context, "functions": fnames,
               "states": {n: list(ane.k_cache.shape) for n in ("k_cache", "v_cache")},

@@ -1,14 +1,12 @@
 """
-lora.py -- LoRA by hand: accuracy-recovery adapters on the frozen palettized model, and feature adapters that
-start from them.
+lora.py -- LoRA by hand: accuracy-recovery adapters on the frozen palettized base; feature adapters from them.
 
 Follows section 5 of Gunter et al. 2024, "Apple Intelligence Foundation Language Models" (arXiv 2407.21075):
-rank-16 LoRA adapters with 16-bit values on every projection of attention (q, k, v, o) and of the feed-forward
-layer (gate, up, down); the base stays frozen and adapters are swapped on it at run time. Recovery trains on
-the base's own corpus with next-token cross entropy (the paper's pre-training loss; `--loss kl` distils the
-float model's logits instead). A small under-trained model also keeps learning the corpus under cross entropy,
-so the run trains the same adapter on the float model too (`--control`) and reports the gap left between the
-two (`gap_closed_matched`). Under torchrun the adapter trains data-parallel (DDP).
+rank-16 LoRA adapters with 16-bit values on every attention and feed-forward projection (q, k, v, o, gate, up,
+down), swapped on the frozen base at run time. Recovery trains on the base's own corpus with next-token cross
+entropy (the paper's pre-training loss; `--loss kl` distils the float model's logits instead). A small
+under-trained model also keeps learning its corpus under cross entropy, so the float model trains the same
+adapter too (`--control`): `gap_closed_matched` is the gap closed against it. Under torchrun: DDP.
 
     python lora.py                               # out/palettized.pt, out/ckpt.pt -> out/adapter_recovery.pt
     python lora.py --task pydoc --init recovery  # a feature adapter on Python's docs -> out/adapter_pydoc.pt
@@ -39,17 +37,15 @@ class AdapterError(Exception):
     """An adapter that does not fit the model it is loaded onto, or a bad adapter request (one line)."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# LoRA
+# -- LoRA ----------------------------------------------------------------------------------------------------
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update (Hu et al. 2021, "LoRA"):
 
         y = base(x) + (alpha / r) * B(A(x))          A: (r, in), B: (out, r)
 
-    `base` is nn.Linear or PalettizedLinear, left untouched. A starts Kaiming-uniform (as nn.Linear's weight)
-    and B at zero, so a fresh adapter changes nothing. alpha / r is the LoRA paper's scaling: the rank at a
-    fixed alpha keeps the update's size; alpha = 2 r (the command line's default) is a scale of 2."""
+    `base` (nn.Linear or PalettizedLinear) stays as is; A starts Kaiming-uniform (as nn.Linear), B at zero: a
+    fresh adapter changes nothing. At a fixed alpha the rank keeps the update's size; alpha = 2 r: scale 2."""
 
     def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0):
         super().__init__()
@@ -65,10 +61,6 @@ class LoRALinear(nn.Module):
     def forward(self, x):                                            # (..., in) -> (..., out)
         h = F.linear(x, self.lora_A.to(x.dtype))                     # (..., r)
         return self.base(x) + self.scale * F.linear(h, self.lora_B.to(x.dtype))
-
-    def delta_weight(self) -> torch.Tensor:
-        """The dense update (alpha / r) B A, shape (out, in): base weight + this = the merged weight."""
-        return self.scale * self.lora_B @ self.lora_A
 
 
 def adapters(model: nn.Module) -> dict[str, LoRALinear]:
@@ -122,8 +114,7 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             sum(p.numel() for p in model.parameters()) + pal)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The adapter file: the adapter tensors only, bound to their base by a fingerprint
+# -- The adapter file: the adapter tensors only, bound to their base by a fingerprint ------------------------
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 over the frozen base, tensor by tensor in name order (LUTs and indices, int8 embedding, norms).
@@ -146,61 +137,41 @@ def save_adapter(path: str, model: nn.Module, name: str, **extra) -> None:
 
 
 def load_adapter(path: str, model: nn.Module) -> dict:
-    """Put the adapter in `path` onto `model` in place (attaching adapters with the file's rank, alpha and
-    targets, or swapping the values of those attached) and return its checkpoint dict. Refuses, with a
-    one-line AdapterError and `model` untouched, an adapter of another base, rank or targets."""
+    """Put the adapter file `path` onto `model` in place (attached as the file says, or swapped into those
+    attached); returns its checkpoint. Another base, rank or targets: one-line AdapterError, model as was."""
     ckpt = load_checkpoint(path, "adapter")
-    cfg, fp = ckpt["config"], fingerprint(model)
-    if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg)
-            and isinstance(ckpt.get("adapter"), dict)):
+    cfg, sd, fp = ckpt["config"], ckpt.get("adapter"), fingerprint(model)
+    if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg) and isinstance(sd, dict)):
         raise AdapterError(f"{path}: not an adapter file of this project (config or tensors missing)")
-    if ckpt.get("fingerprint") != fp:
-        raise AdapterError(f"{path}: trained on a different base (fingerprint "
-                           f"{str(ckpt.get('fingerprint'))[:12]}, this base {fp[:12]})")
+    if (theirs := str(ckpt.get("fingerprint"))) != fp:
+        raise AdapterError(f"{path}: trained on a different base (fingerprint {theirs:.12}, not {fp:.12})")
     r, targets, attached = cfg["rank"], cfg["targets"], adapter_config(model)
     if attached and (attached["rank"], set(attached["targets"])) != (r, set(targets)):
         raise AdapterError(f"{path}: rank {r}, targets {','.join(targets)} do not match the attached "
                            f"adapters' rank {attached['rank']}, targets {','.join(attached['targets'])}")
     want = {k: s for n, m in targeted_layers(model, targets).items()
             for k, s in ((f"{n}.lora_A", (r, m.in_features)), (f"{n}.lora_B", (m.out_features, r)))}
-    got = {k: tuple(v.shape) for k, v in ckpt["adapter"].items()}
-    if got != want:
-        bad = sorted(set(got) ^ set(want)) or [k for k in want if got[k] != want[k]]
+    if bad := sorted(k for k in {*want, *sd} if want.get(k) != getattr(sd.get(k), "shape", None)):
         raise AdapterError(f"{path}: adapter tensors do not fit this model (first mismatch: {bad[0]})")
     if attached is None:
         add_adapters(model, r, cfg["alpha"], targets)
-    model.load_state_dict(ckpt["adapter"], strict=False)       # exactly the adapter tensors, checked above
+    model.load_state_dict(sd, strict=False)                    # exactly the adapter tensors, checked above
     for m in adapters(model).values():
         m.alpha, m.scale = float(cfg["alpha"]), cfg["alpha"] / r
     return ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Training
-
-def adapter_loss(logits, targets, teacher_logits=None, kind: str = "ce"):
-    """Next-token cross entropy ("ce"), KL(teacher || student) over the vocabulary ("kl"), or their mean
-    ("mix"); nats per token. logits, teacher_logits: (B, T, V); targets: (B, T)."""
-    logits = logits.float().flatten(0, 1)                                    # (B*T, V)
-    ce = F.cross_entropy(logits, targets.flatten()) if kind in ("ce", "mix") else 0.0
-    if kind == "ce":
-        return ce
-    t = F.log_softmax(teacher_logits.float().flatten(0, 1), dim=-1)
-    kl = F.kl_div(F.log_softmax(logits, dim=-1), t, log_target=True, reduction="batchmean")
-    return kl if kind == "kl" else 0.5 * (ce + kl)
-
+# -- Training ------------------------------------------------------------------------------------------------
 
 def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int, seq_len: int, seed: int,
                    device="cpu", teacher=None, loss: str = "ce", callback=lambda step: None,
                    progress: bool = True, stop_at: int | None = None) -> list[float]:
-    """AdamW on the adapter tensors only; returns the training loss of every step taken. `callback(step)` runs
-    before step 0 and after every step. Ctrl-C (or `stop_at`, the same for tests) ends training early and
-    keeps what was learned. Under torchrun each rank trains on its slice of every batch and DDP averages the
-    gradients, so the run is that of one process with the same batch."""
+    """AdamW on the adapters only (linear warm-up, cosine decay to 10% of lr); returns each step's loss.
+    callback(step) runs before step 0 and after each; Ctrl-C (or stop_at) ends it early, the adapter kept.
+    Under torchrun each rank trains on a slice of every batch, DDP averaging gradients: one process's run."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     fwd = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
-        model, device_ids=[device] if str(device).startswith("cuda") else None,
-        broadcast_buffers=False)                               # the frozen base is the same everywhere
+        model, broadcast_buffers=False)                        # the frozen base is the same everywhere
     params = [p for p in model.parameters() if p.requires_grad]        # the adapters (AdamW refuses none)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen, warmup, losses = torch.Generator().manual_seed(seed), max(1, iters // 20), []
@@ -209,13 +180,16 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     bar = tqdm(range(iters), desc=f"lora ({loss})", disable=not progress or rank > 0, dynamic_ncols=True)
     try:
         for step in bar:
-            for g in opt.param_groups:                # linear warm-up, then cosine decay to 10% of the peak
-                g["lr"] = lr * (step + 1) / warmup if step < warmup else \
-                    lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup))))
+            opt.param_groups[0]["lr"] = lr * (step + 1) / warmup if step < warmup else \
+                lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, iters - warmup))))
             x, y = get_batch(train_data, batch_size, seq_len, gen, device, rank, world)  # this rank's share
-            with torch.no_grad():
-                t_logits = teacher(x) if loss != "ce" else None             # (B, T, V)
-            step_loss = adapter_loss(fwd(x), y, t_logits, loss)
+            logits = fwd(x).float().flatten(0, 1)                                   # (B*T, V)
+            ce = F.cross_entropy(logits, y.flatten()) if loss != "kl" else 0.0      # nats per token
+            if loss != "ce":                          # kl, mix: KL(teacher || student) over the vocabulary
+                with torch.no_grad():
+                    t = F.log_softmax(teacher(x).float().flatten(0, 1), dim=-1)
+                kl = F.kl_div(F.log_softmax(logits, dim=-1), t, log_target=True, reduction="batchmean")
+            step_loss = ce if loss == "ce" else kl if loss == "kl" else 0.5 * (ce + kl)     # mix: their mean
             opt.zero_grad(set_to_none=True)
             step_loss.backward()
             opt.step()
@@ -234,8 +208,7 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     return losses
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The command line
+# -- The command line ----------------------------------------------------------------------------------------
 
 def main(argv=None):
     """Run the script: recovery, a feature adapter, or --eval."""
@@ -284,8 +257,6 @@ def main(argv=None):
         a.base_data = corpus_from_checkpoint(ckpt)                   # the corpus the base learned
         a.data = a.data or (a.base_data if recovery or a.eval else a.task)
         a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len
-        if a.seq_len > base.config.max_seq_len:
-            raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's {base.config.max_seq_len}")
         if not a.eval:
             return train_task(a, base, t0)
         if a.adapter != "none":
@@ -297,13 +268,11 @@ def main(argv=None):
 
 
 def train_task(a, base, t0) -> dict:
-    """Train the recovery adapter, or a feature adapter on --data from the recovery adapter or from zero;
-    measure it, save it with its report (rank 0 alone) and return the report."""
+    """Train, measure and save (on rank 0) the recovery or a feature adapter (--init); returns its report."""
     recovery, log = a.task == "recovery", print if a.leader else (lambda *_: None)
     teacher = load_model(a.teacher)[0] if recovery else None
     if recovery and teacher.config != base.config:
-        raise AdapterError(f"{a.teacher}: its config ({teacher.config.name}) differs from the base's "
-                           f"({base.config.name}); the base must be palettized from this teacher")
+        raise AdapterError(f"{a.teacher}: config {teacher.config.name} is not the base's {base.config.name}")
     train, val = load_splits(a.data, a.seq_len, a.tokenizer)
     if recovery:                                      # (so a recovery adapter is made on the device)
         teacher.to(a.device).eval().requires_grad_(False)
@@ -362,8 +331,7 @@ def train_task(a, base, t0) -> dict:
                   "teacher": a.teacher}
         log(f"val bpb: float {bpb_float:.4f}, palettized {bpb_pal:.4f}, recovered {bpb_rec:.4f}; gap "
             + (f"closed {closed:.1%}" if closed is not None else f"{gap:+.5f}: within noise")
-            + ("" if matched is None else f"; the float model given the same adapter training reaches "
-               f"{bpb_ctrl:.4f}, so the matched gap closed is {matched:.1%}"))
+            + ("" if matched is None else f"; the control {bpb_ctrl:.4f}: matched gap closed {matched:.1%}"))
     else:
         orig_end = val_bpb(base, orig_val, a)
         report = {"task": a.task, "data": a.data, "init": a.init,

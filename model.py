@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Config
+# -- Config --------------------------------------------------------------------------------------------------
 
 @dataclass
 class ModelConfig:
@@ -58,8 +57,7 @@ CONFIGS: dict[str, ModelConfig] = {
 }
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Layers
+# -- Layers --------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (AFM: pre-normalisation with RMSNorm)."""
@@ -111,12 +109,10 @@ class Attention(nn.Module):
 
         mask = None
         if cache is not None:
-            # cache = (k_cache, v_cache), each (B, n_kv_heads, max_seq_len, head_dim); write at [pos, pos+T)
-            k_cache, v_cache = cache
+            k_cache, v_cache = cache                   # each (B, n_kv_heads, max_seq_len, head_dim)
             k_cache[:B, :, pos:pos + T], v_cache[:B, :, pos:pos + T] = k, v
             k, v = k_cache[:B, :, :pos + T], v_cache[:B, :, :pos + T]
-            # query i sits at absolute position pos+i and may see keys 0..pos+i
-            t = torch.arange(pos + T, device=x.device)
+            t = torch.arange(pos + T, device=x.device)       # query i (at pos + i) sees keys 0..pos + i
             mask = None if T == 1 else t[None, :] <= t[pos:, None]
         # AFM: grouped-query attention -- each K/V head serves n_heads / n_kv_heads query heads.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=cache is None,
@@ -223,8 +219,7 @@ def sample(logits, temperature: float = 0.0, top_k: int | None = None, generator
     return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Counting
+# -- Counting ------------------------------------------------------------------------------------------------
 
 def count_params(config: ModelConfig) -> dict:
     """Parameter counts, built on the meta device (no memory). The tied embedding is counted once."""
@@ -247,10 +242,9 @@ def main():
     print(f"{'config':<15}{'d':>6}{'layers':>7}{'heads':>6}{'kv':>4}{'ffn':>6}{'vocab':>7}{'total':>15}"
           f"{'non-embedding':>15}{'embedding':>13}")
     for name, c in CONFIGS.items():
-        n = count_params(c)
+        total, non_embedding, embedding = count_params(c).values()
         print(f"{name:<15}{c.dim:>6}{c.n_layers:>7}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>6}"
-              f"{c.vocab_size:>7}{n['params']:>15,}{n['non_embedding_params']:>15,}"
-              f"{n['embedding_params']:>13,}")
+              f"{c.vocab_size:>7}{total:>15,}{non_embedding:>15,}{embedding:>13,}")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,13 @@
 """
 palettize.py -- every projection weight becomes a lookup table per 16 output channels plus a few-bit index per
-weight; 2- and 4-bit layers mix to 3.7 bits per weight as in AFM-on-device; the embedding goes to 8 bits.
+weight; 2- and 4-bit layers mix to 3.7 bits per weight as in AFM-on-device; the tied embedding goes to 8 bits.
 
 Follows section 5 (its optimizations) of Gunter et al. 2024, "Apple Intelligence Foundation Language Models"
 (arXiv 2407.21075). A group is 16 consecutive rows of a weight (out, in), as Core ML's per-grouped-channel
 tables group them; its lookup table (LUT) holds 2**bits fp16 values chosen by k-means over its weights, and
-a weight keeps only the index of its nearest entry. The tied embedding gets 8 bits; the norm gains stay float.
-
-Sections 1-5 in reading order; `kmeans` is the plain k-means. The appendix is the fast path they call by
-default (`--kmeans plain` and `plain=True` do not): the same k-means on fp16 histograms, all groups of many
-layers at once (2.6B weights in half a second on one GPU).
+a weight keeps only the index of its nearest entry; the norm gains stay float. Sections 1-5 in reading order;
+`kmeans` is the plain k-means (`--kmeans plain`); by default the appendix runs the same k-means on fp16
+histograms, all groups of many layers at once (2.6B weights in half a second on one GPU).
 
     python palettize.py                       # out/ckpt.pt -> out/palettized.pt + palettize.json, 3.7 bpw
     python palettize.py --bits 4              # uniform 4-bit
@@ -40,8 +38,7 @@ class PalettizeError(ValueError):
     """Bad input to palettization; the message is one line naming the layer."""
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 1. k-means for one group, and a LUT per group of 16 output channels
+# -- 1. k-means for one group, and a LUT per group of 16 output channels -------------------------------------
 
 def kmeans(values: torch.Tensor, k: int, weights: torch.Tensor | None = None, iters: int = 100):
     """Lloyd's k-means of the values (n,): k sorted centres (k,), each value counted with its weight."""
@@ -113,8 +110,7 @@ def _check_weight(w: torch.Tensor, bits: int, group_size: int, name: str, import
         raise PalettizeError(f"{name}: importance must be finite and non-negative")
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 2. Mixed 2/4-bit: which layers go to 2 bits
+# -- 2. Mixed 2/4-bit: which layers go to 2 bits -------------------------------------------------------------
 
 def bits_per_weight(shapes: dict, bits: dict, group_size: int) -> float:
     """Average bits per weight of the layers {name: (out, in)} at {name: bits}: indices plus fp16 LUTs."""
@@ -151,8 +147,7 @@ def allocate_bits(shapes: dict, cost: dict, target: float, group_size: int = 16,
     return {k: bits.get(k, high) for k in names}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 3. Sensitivity: the diagonal Fisher information weights the k-means and prices each layer's 2-bit move
+# -- 3. Sensitivity: the diagonal Fisher information weights the k-means and prices each layer's 2-bit move --
 
 def calibration_loss(model: nn.Module, batches) -> torch.Tensor:
     """Mean next-token cross entropy over the batches (a tensor, so that it can be differentiated)."""
@@ -191,8 +186,7 @@ def loss_rise(model: nn.Module, names, bits: int, group_size: int, importance: d
     return rise
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 4. A whole model: PalettizedLinear in place of every projection, the int8 embedding, the checkpoint
+# -- 4. A whole model: PalettizedLinear in place of every projection, the int8 embedding, the checkpoint -----
 
 class PalettizedLinear(nn.Module):
     """Frozen stand-in for nn.Linear (no bias): weight = lut[row // group_size][indices]."""
@@ -241,8 +235,7 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     """Palettize every float projection in place (bits: int or {layer: bits}; importance: {layer: tensor like
     the weight}) after checking all, and the embedding to 8 bits. Returns [{name, bits, mse, rel_mse}]."""
     importance = importance or {}
-    layers = {n: model.get_submodule(n) for n in projection_names(model)}
-    layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}      # the float ones, not yet done
+    layers = {n: m for n in projection_names(model) if isinstance(m := model.get_submodule(n), nn.Linear)}
     bits_of = {n: bits if isinstance(bits, int) else bits.get(n) for n in layers}
     for n, m in layers.items():                             # a layer missing from bits: unsupported bits None
         _check_weight(m.weight, bits_of[n], group_size, n, importance.get(n))
@@ -266,18 +259,16 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     return [report[n] for n in layers]
 
 
-def pack_bits(idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 values < 2**bits -> a flat uint8 stream of ceil(numel * bits / 8) bytes (little-endian bits)."""
+def pack_bits(idx: torch.Tensor, bits: int, width: int = 8) -> torch.Tensor:
+    """uint8 values < 2**bits -> their little-endian bit stream, zero-padded, as flat `width`-bit values."""
     bitstream = ((idx.reshape(-1, 1).to(torch.uint8) >> torch.arange(bits, dtype=torch.uint8)) & 1).view(-1)
-    bitstream = torch.cat([bitstream, bitstream.new_zeros(-bitstream.numel() % 8)]).view(-1, 8)
-    return (bitstream << torch.arange(8, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+    bitstream = torch.cat([bitstream, bitstream.new_zeros(-bitstream.numel() % width)]).view(-1, width)
+    return (bitstream << torch.arange(width, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
     """The inverse of pack_bits: uint8 indices of `shape`."""
-    bitstream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).view(-1)
-    b = bitstream[:math.prod(shape) * bits].view(-1, bits)
-    return (b << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8).view(shape)
+    return pack_bits(packed, 8, bits)[:math.prod(shape)].view(shape)
 
 
 def stored_tensors(model: nn.Module) -> dict:
@@ -328,8 +319,7 @@ def load_palettized(path: str):
     return model, ckpt
 
 
-# ----------------------------------------------------------------------------------------------------------
-# 5. The command line
+# -- 5. The command line -------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
     """Run the script; returns the report it writes to palettize.json."""
@@ -455,15 +445,6 @@ def key_values(kmin: int, kmax: int, device=None) -> torch.Tensor:
     return (s ^ ((s >> 15) & 0x7FFF)).view(torch.float16).double()
 
 
-def _prefix(counts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """counts (G, R), values (R,) -> P (3, G, R + 1): prefix sums of count, count*v, count*v^2."""
-    P = counts.new_zeros(3, counts.shape[0], counts.shape[1] + 1)
-    torch.cumsum(counts, 1, out=P[0, :, 1:])
-    torch.cumsum(cv := counts * values, 1, out=P[1, :, 1:])
-    torch.cumsum(cv.mul_(values), 1, out=P[2, :, 1:])
-    return P
-
-
 def _at(P: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
     """P (3, G, R+1) at positions i (G, ...) -> (3, G, ...)."""
     return P.gather(2, i.reshape(1, i.shape[0], -1).expand(3, -1, -1)).view(3, *i.shape)
@@ -576,8 +557,12 @@ def kmeans1d(counts: torch.Tensor, values: torch.Tensor, k: int, lloyd_iters: in
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if counts.device.type == "cpu" else threads)
     try:
-        values = values.double().contiguous()
-        P = _prefix(counts.double(), values)
+        values, counts = values.double().contiguous(), counts.double()
+        P = counts.new_zeros(3, counts.shape[0], counts.shape[1] + 1)    # (3, G, R + 1): prefix sums of
+        torch.cumsum(counts, 1, out=P[0, :, 1:])                          # count, count * v, count * v^2
+        torch.cumsum(cv := counts * values, 1, out=P[1, :, 1:])
+        torch.cumsum(cv.mul_(values), 1, out=P[2, :, 1:])
+        del cv
         record = history.append if history is not None else (lambda errors: None)
         tails, plain = _starts(P, values, k)
         c = _lloyd(P, values, tails, lloyd_iters, record)

@@ -27,13 +27,9 @@ class CheckpointError(Exception):
 def _write_atomically(path: str, write) -> None:
     """`write(tmp)` fills a temporary file that then replaces `path`: an interruption leaves no half file."""
     os.makedirs(folder := os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp_dir:     # removed, whatever happens
+        write(tmp := os.path.join(tmp_dir, os.path.basename(path)))
         os.replace(tmp, path)
-    finally:
-        pathlib.Path(tmp).unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str, **payload) -> None:

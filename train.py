@@ -27,6 +27,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict as dsd
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 from data import DataError, decode, evaluate, get_batch, load_splits
@@ -57,14 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lr", type=float, help="peak learning rate (default: 0.002)")
     add("--warmup", type=int, help="linear warm-up steps (default: 100)")
     add("--min-lr", type=float, help="final learning rate as a fraction of the peak (default: 0.005)")
-    add("--weight-decay", type=float, help="decoupled weight decay: the fraction of each matmul weight "
-                                           "removed per step at the peak learning rate (default: 3.16e-4)")
+    add("--weight-decay", type=float, help="per-step decay of matmul weights at peak lr (default: 3.16e-4)")
     add("--teacher", help="model checkpoint to distil from: target 0.1 truth + 0.9 its top-1 (default: none)")
-    add("--dtype", choices=("float32", "bfloat16"),
-        help="compute dtype; bfloat16 is autocast, the weights stay float32 (default: bfloat16 on cuda)")
+    add("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: bfloat16 autocast on cuda)")
     add("--compile", action="store_true", help="torch.compile the model (default: off)")
-    add("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and optimizer state "
-                                            "with FSDP2 (default: off, DDP)")
+    add("--fsdp", action="store_true", help="under torchrun, shard with FSDP2 (default: off, DDP)")
     add("--eval-every", type=int, help="validate every N steps (default: 5 times a run)")
     add("--ckpt-every", type=float, default=60.0, help="rewrite the checkpoint every N seconds (default: 60)")
     add("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt (default: off)")
@@ -81,12 +80,11 @@ def run_settings(args: argparse.Namespace) -> tuple[dict, object, dict | None]:
         ckpt = load_checkpoint(path, "model")
         if "train_state" not in ckpt:
             raise CheckpointError(f"nothing to resume: {path} holds no training state")
-        s = dict(ckpt["train_state"]["settings"])
+        s = {**ckpt["train_state"]["settings"], **{k: v for k, v in given.items() if k in CHANGEABLE}}
         for k, v in given.items():
             if k not in CHANGEABLE and v != s[k]:
                 raise ValueError(f"--{k.replace('_', '-')} {v} differs from the checkpoint's {s[k]}; a "
                                  f"resumed run keeps its settings (only --iters and --eval-every may change)")
-        s.update({k: given[k] for k in CHANGEABLE if k in given})
         if ckpt["train_state"]["step"] >= s["iters"]:
             raise ValueError(f"nothing to resume: {path} already finished {ckpt['train_state']['step']} "
                              f"steps of --iters {s['iters']} (pass a larger --iters to go on)")
@@ -118,8 +116,7 @@ def lr_at(step: int, s: dict) -> float:
 
 
 def make_optimizer(model: Transformer, s: dict) -> torch.optim.AdamW:
-    """AdamW that decays the 2-D matmul weights (the tied embedding too: it is the output head's weight), not
-    the RMSNorm gains, whose natural value is 1."""
+    """AdamW; decays the matmul weights and tied embedding (2-D), not the RMSNorm gains (natural value 1)."""
     # AFM's decoupled weight decay removes wd x (lr / peak lr) of each weight per step; torch's AdamW removes
     # lr x weight_decay, so weight_decay = wd / peak lr is exactly that.
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2],
@@ -140,24 +137,6 @@ def loss_fn(model, x, y, teacher=None):
     return 0.1 * loss + 0.9 * F.cross_entropy(logits, top1.flatten())
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Many processes (torchrun): one per GPU, or per CPU process with gloo. Every rank draws the whole step's
-# batch from the same seeded sampler and trains on its own slice of it, so the global batch and the loss curve
-# are those of one process. A plain `python train.py` takes none of these paths.
-
-def shard_model(model: Transformer, device: torch.device, world: int, bf16: bool) -> None:
-    """FSDP2, in place: each block, then the rest (embedding, final norm), sharded over all ranks."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    kw = dict(mesh=init_device_mesh(device.type, (world,)))
-    if bf16:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for module in (*model.layers, model):
-        fully_shard(module, **kw)
-
-
-# ----------------------------------------------------------------------------------------------------------
-
 def main(argv=None) -> dict:
     """Train; returns the report written to train.json (on rank 0; the other ranks return {})."""
     t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -165,20 +144,21 @@ def main(argv=None) -> dict:
     try:
         rank, world, device = init_distributed(args.device)
         s, cfg, ckpt = run_settings(args)
-        if s["batch_size"] % world:
-            raise ValueError(f"--batch-size {s['batch_size']} must be a multiple of the {world} processes")
-        train_data, val_data = load_splits(s["data"], min_len=s["seq_len"])
+        B, T, accum, iters = s["batch_size"], s["seq_len"], s["grad_accum"], s["iters"]
+        if B % world:
+            raise ValueError(f"--batch-size {B} must be a multiple of the {world} processes")
+        train_data, val_data = load_splits(s["data"], min_len=T)
         teacher = load_model(s["teacher"], device)[0].eval() if s["teacher"] else None
-        tc = teacher.config if teacher is not None else cfg
-        if tc.vocab_size != cfg.vocab_size or tc.max_seq_len < s["seq_len"]:
+        if s["teacher"] and (teacher.config.vocab_size != cfg.vocab_size or teacher.config.max_seq_len < T):
             raise ValueError(f"{s['teacher']}: the teacher's vocabulary or context does not fit the student")
     except (DataError, CheckpointError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     leader = rank == 0                                      # rank 0 alone prints, evaluates, writes
-    B, T, accum, iters = s["batch_size"], s["seq_len"], s["grad_accum"], s["iters"]
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     bf16 = torch.bfloat16 if dtype == "bfloat16" else None
-    # under torchrun (even one process, so that its cost can be measured) DDP or FSDP2
+    # torchrun: one process per GPU, or CPU processes with gloo; DDP or FSDP2 (even one process, so that its
+    # cost can be measured). Every rank draws the step's whole batch from the same seeded sampler and trains
+    # on its own slice of it, so the global batch and the loss curve are those of one process.
     sharded, ddp = dist.is_initialized() and args.fsdp, dist.is_initialized() and not args.fsdp
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -186,8 +166,11 @@ def main(argv=None) -> dict:
     # the model, its optimizer, and the state of an interrupted run
     torch.manual_seed(s["seed"])
     model = Transformer(cfg).to(device)
-    if sharded:
-        shard_model(model, device, world, bf16=bf16 is not None)
+    if sharded:                         # FSDP2, in place: each block, then the rest (embedding, final norm)
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=torch.float32 if bf16 else None)
+        for module in (*model.layers, model):
+            fully_shard(module, mesh=mesh, mp_policy=mp)
     optimizer = make_optimizer(model, s)
     gen = torch.Generator().manual_seed(s["seed"])                    # the batch sampler's own RNG
     st = ckpt["train_state"] if ckpt is not None else dict(step=0, losses=[], val_curve=[], seconds=0.0)
@@ -214,10 +197,9 @@ def main(argv=None) -> dict:
     def checkpoint():                   # every rank gathers (FSDP needs them all); rank 0 writes
         model_sd, optim_sd = dsd.get_state_dict(model, optimizer, options=full)
         if leader:
-            seconds = prior_seconds + time.perf_counter() - t_start
             save_model(os.path.join(args.out_dir, "ckpt.pt"), model, state_dict=model_sd, optimizer=optim_sd,
-                       train_state=dict(settings=s, step=step, data_rng=gen.get_state(), losses=losses,
-                                        val_curve=val_curve, seconds=seconds))
+                       train_state=dict(settings=s, step=step, data_rng=gen.get_state(), val_curve=val_curve,
+                                        losses=losses, seconds=prior_seconds + time.perf_counter() - t_start))
 
     def validate():                     # rank 0 alone, or every rank when the parameters are sharded
         if leader or sharded:
@@ -261,9 +243,8 @@ def main(argv=None) -> dict:
             step += 1
             pending.append(total)
             bar.update(1)
-            log = (step % log_every == 0 or step % s["eval_every"] == 0
-                   or step in (iters, args.stop_at, first_timed) or (stop and world == 1))
-            if not log:
+            if not (step % log_every == 0 or step % s["eval_every"] == 0
+                    or step in (iters, args.stop_at, first_timed) or (stop and world == 1)):
                 continue
             t = torch.stack(pending).float()                           # one sync per log
             if dist.is_initialized():

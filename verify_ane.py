@@ -90,8 +90,7 @@ def check_weights(prog, weights: dict, emb: dict) -> dict:
     return {"lut_exact": exact, "lut_layers": len(lut_layers), "problems": problems}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# One function of the program, run in numpy; against PyTorch
+# -- One function of the program, run in numpy; against PyTorch ----------------------------------------------
 
 class NumpyProgram:
     """One function of a MIL program, run op by op in numpy: program(inputs, states) -> outputs."""
@@ -229,8 +228,7 @@ def logit_report(pkg, pkg_path: str, model, adapter_list, prefill_len: int, cont
         return {**r, "predict": f"failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Bytes
+# -- Bytes ---------------------------------------------------------------------------------------------------
 
 def ideal_bytes(model, weights: dict, emb: dict) -> int:
     """Bytes of the base as palettize.py stores it: packed indices, LUTs, int8 embedding + scales, norms."""
@@ -256,11 +254,8 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
     mine -= set().union(*(b for f, b in blobs.items() if f not in fnames))
     program = sum(spec.mlProgram.functions[f].ByteSize() for f in fnames)
     program += sum(d.ByteSize() for d in spec.description.functions if d.name in fnames)
-    weights = 0
-    with open(_data(path, "weights", "weight.bin"), "rb") as fh:      # opened once for all the blobs
-        for off in mine:
-            fh.seek(off + 8)                                          # the blob's data size, after its header
-            weights += 64 + (int.from_bytes(fh.read(8), "little") + 63) // 64 * 64
+    head = np.memmap(_data(path, "weights", "weight.bin"), np.uint8, "r")   # mapped once for all the blobs
+    weights = sum(64 + (int(head[off + 8:off + 16].view("<u8")[0]) + 63) // 64 * 64 for off in mine)
     return program, weights, sum(decl[f] for f in fnames)
 
 

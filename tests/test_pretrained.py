@@ -190,11 +190,15 @@ def test_every_tensor_type_and_metadata_type_round_trips(tmp_path):
         assert np.array_equal(got, want.astype(np.float32)) and np.array_equal(got, want), name
 
 
-def test_unpermute_undoes_the_converter_and_matches_interleaved_rope():
+def test_unpermute_undoes_the_converter_and_matches_interleaved_rope(tiny):
+    model, path = tiny
+    got, _, g = pretrained.model_from_gguf(path, progress=False)
+    for theirs, ours, heads in [("attn_q", "q_proj", CFG.n_heads), ("attn_k", "k_proj", CFG.n_kv_heads)]:
+        w = model.state_dict()[f"layers.1.attn.{ours}.weight"].numpy()
+        rows = pretrained.tensor_array(g, f"blk.1.{theirs}.weight")       # as the file holds them
+        assert np.array_equal(rows, interleaved(w, heads)) and not np.array_equal(rows, w)
+        assert np.array_equal(got.state_dict()[f"layers.1.attn.{ours}.weight"].numpy(), w)
     rng = np.random.default_rng(2)
-    w = rng.standard_normal((9 * 64, 576)).astype(np.float32)
-    assert np.array_equal(pretrained.unpermuted_qk(interleaved(w, 9), 9), w)
-    assert not np.array_equal(interleaved(w, 9), w)
     # attention scores: llama.cpp's RoPE on the file's rows (rotating pairs 2i, 2i + 1) equal ours on halves
     hd, T = 16, 6
     wq, wk = rng.standard_normal((2, hd, 32))
