@@ -45,7 +45,8 @@ class LoRALinear(nn.Module):
         y = base(x) + (alpha / r) * B(A(x))          A: (r, in), B: (out, r)
 
     `base` (nn.Linear or PalettizedLinear) stays as is; A starts Kaiming-uniform (as nn.Linear), B at zero: a
-    fresh adapter changes nothing. At a fixed alpha the rank keeps the update's size; alpha = 2 r: scale 2."""
+    fresh adapter changes nothing. At a fixed alpha the rank keeps the update's size; alpha = 2 r (the
+    default) is a scale of 2."""
 
     def __init__(self, base: nn.Module, rank: int = 16, alpha: float = 32.0):
         super().__init__()
@@ -144,13 +145,15 @@ def load_adapter(path: str, model: nn.Module) -> dict:
     if not (isinstance(cfg, dict) and {"rank", "alpha", "targets"} <= set(cfg) and isinstance(sd, dict)):
         raise AdapterError(f"{path}: not an adapter file of this project (config or tensors missing)")
     if (theirs := str(ckpt.get("fingerprint"))) != fp:
-        raise AdapterError(f"{path}: trained on a different base (fingerprint {theirs:.12}, not {fp:.12})")
+        raise AdapterError(f"{path}: trained on a different base (fingerprint {theirs:.12}, this base "
+                           f"{fp:.12})")
     r, targets, attached = cfg["rank"], cfg["targets"], adapter_config(model)
     if attached and (attached["rank"], set(attached["targets"])) != (r, set(targets)):
         raise AdapterError(f"{path}: rank {r}, targets {','.join(targets)} do not match the attached "
                            f"adapters' rank {attached['rank']}, targets {','.join(attached['targets'])}")
     want = {k: s for n, m in targeted_layers(model, targets).items()
             for k, s in ((f"{n}.lora_A", (r, m.in_features)), (f"{n}.lora_B", (m.out_features, r)))}
+    # keys missing, extra, or of the wrong shape
     if bad := sorted(k for k in {*want, *sd} if want.get(k) != getattr(sd.get(k), "shape", None)):
         raise AdapterError(f"{path}: adapter tensors do not fit this model (first mismatch: {bad[0]})")
     if attached is None:
@@ -171,7 +174,8 @@ def train_adapters(model, train_data, *, iters: int, lr: float, batch_size: int,
     Under torchrun each rank trains on a slice of every batch, DDP averaging gradients: one process's run."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     fwd = model if not dist.is_initialized() else nn.parallel.DistributedDataParallel(
-        model, broadcast_buffers=False)                        # the frozen base is the same everywhere
+        model, device_ids=[device] if str(device).startswith("cuda") else None,
+        broadcast_buffers=False)                               # the frozen base is the same everywhere
     params = [p for p in model.parameters() if p.requires_grad]        # the adapters (AdamW refuses none)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     gen, warmup, losses = torch.Generator().manual_seed(seed), max(1, iters // 20), []
@@ -257,6 +261,8 @@ def main(argv=None):
         a.base_data = corpus_from_checkpoint(ckpt)                   # the corpus the base learned
         a.data = a.data or (a.base_data if recovery or a.eval else a.task)
         a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len
+        if a.seq_len > base.config.max_seq_len:
+            raise AdapterError(f"--seq-len {a.seq_len} exceeds the model's {base.config.max_seq_len}")
         if not a.eval:
             return train_task(a, base, t0)
         if a.adapter != "none":
@@ -272,7 +278,8 @@ def train_task(a, base, t0) -> dict:
     recovery, log = a.task == "recovery", print if a.leader else (lambda *_: None)
     teacher = load_model(a.teacher)[0] if recovery else None
     if recovery and teacher.config != base.config:
-        raise AdapterError(f"{a.teacher}: config {teacher.config.name} is not the base's {base.config.name}")
+        raise AdapterError(f"{a.teacher}: config {teacher.config.name} is not the base's {base.config.name}; "
+                           "palettize the base from this teacher")
     train, val = load_splits(a.data, a.seq_len, a.tokenizer)
     if recovery:                                      # (so a recovery adapter is made on the device)
         teacher.to(a.device).eval().requires_grad_(False)

@@ -242,9 +242,10 @@ def main():
     print(f"{'config':<15}{'d':>6}{'layers':>7}{'heads':>6}{'kv':>4}{'ffn':>6}{'vocab':>7}{'total':>15}"
           f"{'non-embedding':>15}{'embedding':>13}")
     for name, c in CONFIGS.items():
-        total, non_embedding, embedding = count_params(c).values()
+        n = count_params(c)
         print(f"{name:<15}{c.dim:>6}{c.n_layers:>7}{c.n_heads:>6}{c.n_kv_heads:>4}{c.ffn_dim:>6}"
-              f"{c.vocab_size:>7}{total:>15,}{non_embedding:>15,}{embedding:>13,}")
+              f"{c.vocab_size:>7}{n['params']:>15,}{n['non_embedding_params']:>15,}"
+              f"{n['embedding_params']:>13,}")
 
 
 if __name__ == "__main__":

@@ -235,7 +235,8 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
     """Palettize every float projection in place (bits: int or {layer: bits}; importance: {layer: tensor like
     the weight}) after checking all, and the embedding to 8 bits. Returns [{name, bits, mse, rel_mse}]."""
     importance = importance or {}
-    layers = {n: m for n in projection_names(model) if isinstance(m := model.get_submodule(n), nn.Linear)}
+    layers = {n: model.get_submodule(n) for n in projection_names(model)}
+    layers = {n: m for n, m in layers.items() if isinstance(m, nn.Linear)}      # the float ones, not yet done
     bits_of = {n: bits if isinstance(bits, int) else bits.get(n) for n in layers}
     for n, m in layers.items():                             # a layer missing from bits: unsupported bits None
         _check_weight(m.weight, bits_of[n], group_size, n, importance.get(n))
@@ -260,14 +261,15 @@ def palettize_model(model: nn.Module, bits, group_size: int = 16, importance: di
 
 
 def pack_bits(idx: torch.Tensor, bits: int, width: int = 8) -> torch.Tensor:
-    """uint8 values < 2**bits -> their little-endian bit stream, zero-padded, as flat `width`-bit values."""
+    """uint8 values < 2**bits -> their little-endian bit stream, zero-padded, as flat `width`-bit values
+    (width 8: a uint8 stream of ceil(numel * bits / 8) bytes)."""
     bitstream = ((idx.reshape(-1, 1).to(torch.uint8) >> torch.arange(bits, dtype=torch.uint8)) & 1).view(-1)
     bitstream = torch.cat([bitstream, bitstream.new_zeros(-bitstream.numel() % width)]).view(-1, width)
     return (bitstream << torch.arange(width, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, shape) -> torch.Tensor:
-    """The inverse of pack_bits: uint8 indices of `shape`."""
+    """The inverse of pack_bits: the bytes' bit stream regrouped `bits` at a time, as indices of `shape`."""
     return pack_bits(packed, 8, bits)[:math.prod(shape)].view(shape)
 
 

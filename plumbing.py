@@ -27,7 +27,9 @@ class CheckpointError(Exception):
 def _write_atomically(path: str, write) -> None:
     """`write(tmp)` fills a temporary file that then replaces `path`: an interruption leaves no half file."""
     os.makedirs(folder := os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp_dir:     # removed, whatever happens
+    # a folder, so that the file is written under its final name (torch.save names its archive after it) and
+    # with the umask's permissions (mkstemp's would be 0600); the folder is removed, whatever happens
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp-") as tmp_dir:
         write(tmp := os.path.join(tmp_dir, os.path.basename(path)))
         os.replace(tmp, path)
 

@@ -155,8 +155,9 @@ def model_from_gguf(path: str, max_seq_len: int | None = None,
         if target is None:
             raise GGUFError(f"{path}: tensor {name} is not in model.Transformer (a tied-embedding Llama)")
         w = tensor_array(gguf, name)
-        if m and m[2] in ("attn_q", "attn_k"):    # undo llama.cpp's per-head row interleave: the halves
-            heads = cfg.n_heads if m[2] == "attn_q" else cfg.n_kv_heads     # that apply_rope rotates
+        # undo llama.cpp's per-head row interleave of queries and keys: back to the halves apply_rope rotates
+        if m and m[2] in ("attn_q", "attn_k"):
+            heads = cfg.n_heads if m[2] == "attn_q" else cfg.n_kv_heads
             w = w.reshape(heads, -1, 2, w.shape[-1]).swapaxes(1, 2).reshape(w.shape)
         state[target] = torch.from_numpy(w)
     model = Transformer(cfg)

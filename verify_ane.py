@@ -254,8 +254,8 @@ def function_bytes(spec, path: str, fnames) -> tuple[int, int, int]:
     mine -= set().union(*(b for f, b in blobs.items() if f not in fnames))
     program = sum(spec.mlProgram.functions[f].ByteSize() for f in fnames)
     program += sum(d.ByteSize() for d in spec.description.functions if d.name in fnames)
-    head = np.memmap(_data(path, "weights", "weight.bin"), np.uint8, "r")   # mapped once for all the blobs
-    weights = sum(64 + (int(head[off + 8:off + 16].view("<u8")[0]) + 63) // 64 * 64 for off in mine)
+    blob_file = np.memmap(_data(path, "weights", "weight.bin"), np.uint8, "r")   # mapped once for all blobs
+    weights = sum(64 + (int(blob_file[off + 8:off + 16].view("<u8")[0]) + 63) // 64 * 64 for off in mine)
     return program, weights, sum(decl[f] for f in fnames)
 
 
