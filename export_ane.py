@@ -30,8 +30,8 @@ from tqdm import tqdm
 from data import tokenizer_from_checkpoint
 from lora import AdapterError, adapters, load_adapter, remove_adapters
 from model import Attention, RMSNorm, Transformer
-from plumbing import CheckpointError, load_model, save_json
-from palettize import load_palettized, projection_names
+from plumbing import CheckpointError, save_json
+from palettize import load_float_or_palettized, projection_names
 from verify_ane import ct, mil_name, mil_types, package_report, quiet, read_package
 # coremltools' own modules after verify_ane, which imports coremltools (ct) with its notices silenced
 from coremltools.converters.mil import Builder as mb
@@ -155,14 +155,10 @@ def load_base(path: str) -> tuple:
     if not os.path.isfile(path) and path.endswith("palettized.pt"):   # any other: load_palettized says so
         raise ExportError(f"{path}: no such file (run `python palettize.py` first, or pass --ckpt "
                           f"{os.path.join(os.path.dirname(path), 'ckpt.pt')} for an fp16 export)")
-    try:
-        is_float = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("kind") == "model"
-    except Exception:
-        is_float = False   # load_palettized names the problem
-    if is_float:
+    model, ckpt = load_float_or_palettized(path)
+    if is_float := ckpt["kind"] == "model":
         print(f"notice: {path} is a float checkpoint, not a palettized one: exporting plain fp16 weights "
               f"(about 4x larger). Run `python palettize.py` and export its palettized.pt for LUTs.")
-    model, ckpt = (load_model if is_float else load_palettized)(path)
     return model.eval(), "fp16" if is_float else "palettized", tokenizer_from_checkpoint(ckpt)
 
 

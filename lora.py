@@ -30,7 +30,8 @@ from tqdm import tqdm
 from data import DataError, corpus_from_checkpoint, get_batch, load_splits, tokenizer_from_checkpoint
 from plumbing import (CheckpointError, init_distributed, load_checkpoint, load_model, save_checkpoint,
                       save_json)
-from palettize import PROJECTIONS, PalettizedLinear, bits_per_weight, load_palettized, val_bpb
+from palettize import (PROJECTIONS, PalettizedLinear, bits_per_weight, load_float_or_palettized,
+                       load_palettized, val_bpb)
 
 
 class AdapterError(Exception):
@@ -256,8 +257,7 @@ def main(argv=None):
         for k, file in dict(base="palettized.pt", teacher="ckpt.pt", adapter="adapter_recovery.pt").items():
             setattr(a, k, getattr(a, k) or os.path.join(a.out_dir, file))      # the inputs in OUT_DIR
         a.lr, a.iters = a.lr or (2e-3 if recovery else 1e-3), a.iters or (300 if recovery else 100)
-        float_base = a.eval and load_checkpoint(a.base, kind=None)["kind"] == "model"
-        base, ckpt = load_model(a.base) if float_base else load_palettized(a.base)
+        base, ckpt = (load_float_or_palettized if a.eval else load_palettized)(a.base)
         a.base_data = corpus_from_checkpoint(ckpt)                   # the corpus the base learned
         a.data = a.data or (a.base_data if recovery or a.eval else a.task)
         a.tokenizer, a.seq_len = tokenizer_from_checkpoint(ckpt), a.seq_len or base.config.max_seq_len

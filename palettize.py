@@ -321,6 +321,15 @@ def load_palettized(path: str):
     return model, ckpt
 
 
+def load_float_or_palettized(path: str):
+    """-> (model, checkpoint dict) of a float checkpoint (train.py, pretrained.py), else a palettized one."""
+    try:       # a peek at the kind alone: the file memory-mapped, no tensor read
+        is_float = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("kind") == "model"
+    except Exception:
+        is_float = False                                        # load_palettized names the problem
+    return (load_model if is_float else load_palettized)(path)
+
+
 # -- 5. The command line -------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:

@@ -13,8 +13,8 @@ import torch
 
 from data import DataError, corpus_from_checkpoint, decode, encode, load_text, tokenizer_from_checkpoint
 from lora import AdapterError, load_adapter
-from plumbing import CheckpointError, load_checkpoint, load_model
-from palettize import load_palettized
+from plumbing import CheckpointError
+from palettize import load_float_or_palettized
 
 
 def main(argv=None) -> str:
@@ -33,8 +33,7 @@ def main(argv=None) -> str:
     try:
         if a.max_new_tokens < 1:
             raise DataError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
-        kind = load_checkpoint(a.ckpt, kind=None)["kind"]
-        model, ckpt = load_palettized(a.ckpt) if kind == "palettized" else load_model(a.ckpt)
+        model, ckpt = load_float_or_palettized(a.ckpt)
         if a.adapter:
             load_adapter(a.adapter, model)
         tokenizer = tokenizer_from_checkpoint(ckpt)
