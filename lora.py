@@ -109,7 +109,7 @@ def adapter_config(model: nn.Module) -> dict | None:
             "targets": [p for p in PROJECTIONS if p in leaves] + sorted(leaves - set(PROJECTIONS))}
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
+def trainable_and_total_params(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); a palettized weight counts as in x out parameters, as in its float model."""
     pal = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, PalettizedLinear))
     return (sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -292,7 +292,7 @@ def train_task(a, base, t0) -> dict:
         add_adapters(base, a.rank or 16, a.alpha or 2.0 * (a.rank or 16), a.targets)
     else:
         load_adapter(a.adapter, base)
-    cfg, (trainable, total) = adapter_config(base), count_parameters(base.to(a.device))
+    cfg, (trainable, total) = adapter_config(base), trainable_and_total_params(base.to(a.device))
     if (a.rank or cfg["rank"], a.alpha or cfg["alpha"], set(a.targets)) != \
             (cfg["rank"], cfg["alpha"], set(cfg["targets"])):            # a loaded adapter is not as asked
         raise AdapterError(f"{a.adapter}: rank {cfg['rank']}, alpha {cfg['alpha']:g}, targets "

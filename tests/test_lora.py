@@ -15,7 +15,7 @@ from lora import (
     add_adapters,
     adapter_config,
     adapters,
-    count_parameters,
+    trainable_and_total_params,
     fingerprint,
     load_adapter,
     remove_adapters,
@@ -124,9 +124,9 @@ def test_only_adapters_train_and_base_is_bit_identical():
 
 def test_parameter_counts():
     m = palettized_model(0)
-    _, total0 = count_parameters(m)
+    _, total0 = trainable_and_total_params(m)
     add_adapters(m, rank=4, alpha=8)
-    t1, total1 = count_parameters(m)
+    t1, total1 = trainable_and_total_params(m)
     per_layer = sum(4 * (mod.in_features + mod.out_features) for mod in adapters(m).values())
     assert t1 == per_layer  # only the adapters train
     assert total1 == total0 + t1
